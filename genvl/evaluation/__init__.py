@@ -1,0 +1,5 @@
+"""Evaluation metrics for genvl models."""
+
+from genvl.evaluation.retrieval import chance_recall, retrieval_metrics
+
+__all__ = ["chance_recall", "retrieval_metrics"]

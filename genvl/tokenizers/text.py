@@ -1,0 +1,97 @@
+"""Text tokenizer: a byte-level BPE trained offline on a dataset's captions.
+
+The tokenizer is a transformers ``PreTrainedTokenizerFast`` backed by HuggingFace ``tokenizers``,
+saved with ``save_pretrained`` inside each model directory (``tokenizer/``). Any HuggingFace
+tokenizer directory (for example a CLIP checkpoint's) loads through :func:`load_text_tokenizer`.
+
+Special-token ids are fixed: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2, ``<eos>`` 3. The end token is
+deliberately not id 2: transformers' CLIP text tower treats ``eos_token_id == 2`` as the legacy
+"pool at the highest id" rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from genvl.errors import DataError, ModelDirError
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+
+
+def train_text_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 4096,
+    model_max_length: int = 77,
+    min_frequency: int = 1,
+):
+    """Train a lower-casing byte-level BPE on ``texts``.
+
+    Args:
+        texts: the captions to learn merges from (empty strings are ignored).
+        vocab_size: target size including the special and 256 byte tokens.
+        model_max_length: longest sequence the text tower accepts; longer input is truncated.
+        min_frequency: merges seen fewer times are not learned.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` that adds ``<bos>`` ... ``<eos>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise DataError("cannot train a text tokenizer: no non-empty captions")
+    if vocab_size < len(SPECIAL_TOKENS) + 256 + 1:
+        raise DataError(f"vocab_size {vocab_size} is too small for a byte-level BPE (needs > 260)")
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos, eos = tok.token_to_id("<bos>"), tok.token_to_id("<eos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", pair="<bos> $A <eos> $B <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+
+
+def load_text_tokenizer(path: str | Path):
+    """Load a tokenizer saved by genvl, or any HuggingFace tokenizer directory (offline)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"tokenizer directory not found: {path}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        # GPT-2 style tokenizers have no pad token; reuse the end token (masked out anyway).
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int | None = None) -> dict:
+    """Tokenize a batch to padded ``input_ids`` and ``attention_mask`` tensors, truncating."""
+    max_length = max_length or tokenizer.model_max_length
+    return tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )

@@ -1,0 +1,68 @@
+"""The training recipe: one dataclass for every stage, loaded from ``configs/*.yaml``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 32  # pixels after resize + center crop
+    caption_dropout: float = 0.0  # probability of an empty caption (classifier-free guidance)
+    num_workers: int = 0  # DataLoader worker processes
+    validate: bool = True  # check every image header before training
+
+
+@dataclass
+class TrainConfig:
+    """Everything a ``genvl train`` run needs besides the data path and output directory.
+
+    ``model`` holds ``size`` (a key of the stage's size table) and any overrides of that
+    stage's model config, so one recipe file works for every stage.
+    """
+
+    model: dict = field(default_factory=lambda: {"size": "tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 32  # per process, per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 200  # optimizer steps
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1  # not applied to biases, norms and temperatures
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    ema_decay: float = 0.0  # 0 disables EMA; released weights are the EMA ones when enabled
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100  # checkpoint period in optimizer steps; 0: only at the end
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # generative stages: sample grid period; 0: only at the end
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    tracker: str = "auto"  # auto (tensorboard if installed) | tensorboard | none
+    tokenizer_vocab: int = 4096  # BPE size when a tokenizer is trained for this run
+    text_len: int = 32  # tokens per caption for a newly trained tokenizer
+
+    def validate(self) -> None:
+        from genvl.errors import ConfigError
+
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
+            (self.on_nonfinite in ("stop", "skip"), "on_nonfinite must be stop or skip"),
+            (self.tracker in ("auto", "tensorboard", "none"), "tracker must be auto, tensorboard or none"),
+            (0 <= self.data.caption_dropout <= 1, "data.caption_dropout must be in [0, 1]"),
+            (self.data.image_size >= 8, "data.image_size must be >= 8"),
+            (self.save_every >= 0 and self.log_every >= 1, "save_every must be >= 0 and log_every >= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"bad training config: {msg}")

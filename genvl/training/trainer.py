@@ -1,0 +1,484 @@
+"""One accelerate training loop for every stage; a :class:`Task` supplies model, batches and loss.
+
+Run directory (``--out``), which is also the released model directory:
+
+```
+OUT/
+  genvl.json, clip/, tokenizer/, README.md     the model directory (written at the end)
+  train_config.yaml                            the resolved recipe of this run
+  train_log.jsonl, loss.png                    loss / lr / throughput every log_every steps
+  checkpoints/step-00000100/                   resume state (accelerate save_state + trainer_state.json)
+  samples/                                     sample grids of generative stages
+  logs/                                        tensorboard, when installed
+```
+
+Checkpoints are written to a temporary folder and renamed into place, so a folder named
+``step-N`` is always complete. Resume state loads with ``weights_only=True``; the EMA weights are
+kept in safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from genvl.checkpoint import ModelDir, open_model_dir, save_model_dir
+from genvl.config import save_config, to_dict
+from genvl.errors import TrainingError
+from genvl.training.config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+
+
+class Task:
+    """What a stage trains. Subclasses set ``stage`` and ``component`` and implement the hooks.
+
+    The trainer calls, in order: :meth:`build` (model and tokenizer; from ``init`` when
+    finetuning), :meth:`collate` (in DataLoader workers), :meth:`loss` (every micro-batch),
+    :meth:`components` (what to save) and, for generative stages, :meth:`sample`.
+    """
+
+    stage: str = ""
+    component: str = ""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.tokenizer = None
+
+    def build(self, dataset, init: ModelDir | None, tokenizer=None) -> nn.Module:
+        """Return the model to train. ``tokenizer`` is given when resuming a run."""
+        raise NotImplementedError
+
+    def collate(self, items: list[dict]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the scalar loss of one micro-batch and extra floats to log."""
+        raise NotImplementedError
+
+    def components(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {self.component: model}
+
+    def sample(self, model: nn.Module, path: Path, step: int) -> Path | None:
+        """Write a sample grid to ``path`` (generative stages); None when the stage has none."""
+        return None
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """AdamW groups: no decay on 1-D tensors (biases, norms, temperatures)."""
+        decay, no_decay = [], []
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation per epoch from ``seed + epoch``: identical on every process and on resume.
+
+    The epoch is set with :meth:`use_epoch`, deliberately not ``set_epoch``: accelerate's data
+    loader calls ``sampler.set_epoch`` with its own iteration counter, which restarts at 0 on
+    resume and would reshuffle a resumed run differently.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    final_loss: float
+    seconds: float
+    samples_seen: int
+    skipped_files: int
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+    model: nn.Module | None = None  # the trained (unwrapped) model, raw weights
+
+
+def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
+    """``latest`` -> newest complete ``checkpoints/step-N``; otherwise a path."""
+    if resume != "latest":
+        p = Path(resume)
+        if not (p / STATE_NAME).is_file():
+            raise TrainingError(f"not a complete checkpoint: {p} (no {STATE_NAME})")
+        return p
+    root = out_dir / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def _cosine_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+    return f
+
+
+def plot_loss(log_path: Path, png_path: Path, title: str) -> None:
+    """Draw loss against step from ``train_log.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def train(
+    task: Task,
+    data_path: str | Path,
+    out_dir: str | Path,
+    resume: str | None = None,
+    init: str | Path | None = None,
+    command: str | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``task`` on ``data_path`` into ``out_dir``.
+
+    Args:
+        task: the stage (model, batches, loss).
+        data_path: an image-text dataset in any format of :mod:`genvl.data`.
+        out_dir: run directory and released model directory.
+        resume: ``"latest"`` or a checkpoint folder to continue from.
+        init: a model directory whose weights, config and tokenizer start this stage (finetuning).
+        command: the command line, recorded in the model card.
+        progress: show a progress bar on the main process.
+        stop_after: end the loop after this many optimizer steps without releasing the model
+            (checkpoints stay), as a crash would; for tests of ``resume``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from genvl.data import open_image_text
+
+    cfg = task.cfg
+    cfg.validate()
+    out_dir = Path(out_dir)
+    log_with = None
+    if cfg.tracker != "none":
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            if cfg.tracker == "tensorboard":
+                raise TrainingError("tracker 'tensorboard' asked for but tensorboard is not installed") from None
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=log_with,
+        project_dir=str(out_dir / "logs"),
+        step_scheduler_with_optimizer=False,
+        # Under torchrun on a machine without GPUs accelerate only goes multi-process when told
+        # to use the CPU; otherwise each process would silently train alone.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+
+    ckpt = find_checkpoint(out_dir, resume) if resume else None
+    if resume and ckpt is None and main:
+        print(f"genvl: no checkpoint in {out_dir / CHECKPOINTS}; starting from step 0")
+
+    dataset = open_image_text(
+        data_path, image_size=cfg.data.image_size, caption_dropout=cfg.data.caption_dropout,
+        seed=cfg.seed, validate=cfg.data.validate, progress=progress and main,
+    )
+    skipped = len(dataset.skipped)
+    if main:
+        msg = f"genvl: {len(dataset)} image-text pairs from {data_path} ({dataset.format})"
+        print(msg + (f"; skipped {skipped} bad file(s)" if skipped else ""))
+        for path, reason in dataset.skipped[:10]:
+            print(f"  skipped {path}: {reason}")
+        if skipped > 10:
+            print(f"  ... and {skipped - 10} more (genvl data check {data_path} lists all)")
+
+    init_dir = open_model_dir(init) if init else None
+    resume_tok = None
+    if ckpt is not None:
+        from genvl.tokenizers.text import load_text_tokenizer
+
+        resume_tok = load_text_tokenizer(ckpt / "tokenizer")
+    model = task.build(dataset, init_dir, tokenizer=resume_tok)
+
+    world = accelerator.num_processes
+    if len(dataset) < cfg.batch_size * world:
+        raise TrainingError(
+            f"{data_path}: {len(dataset)} pairs is fewer than one global batch "
+            f"({cfg.batch_size} x {world} processes); lower batch_size"
+        )
+    sampler = EpochShuffleSampler(len(dataset), cfg.seed)
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collate, drop_last=True,
+        num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+    )
+    optimizer = torch.optim.AdamW(
+        task.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        fused=torch.cuda.is_available() or None,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(cfg))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    ema = None
+    if cfg.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(
+            [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad],
+            decay=cfg.ema_decay, foreach=True,
+        )
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "seconds": 0.0}
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state.update(json.loads((ckpt / STATE_NAME).read_text()))
+        if ema is not None:
+            from genvl.models.base import load_safetensors
+
+            shadow = load_safetensors(ckpt / "ema.safetensors")
+            for i, p in enumerate(ema.shadow_params):
+                p.copy_(shadow[f"p{i}"])
+            ema.optimization_step = state["step"]
+        if main:
+            print(f"genvl: resumed from {ckpt} at step {state['step']}")
+
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "train_config.yaml")
+        if task.tokenizer is not None:
+            task.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    if log_with:
+        accelerator.init_trackers(task.stage, config={k: v for k, v in _flat(to_dict(cfg)).items()})
+
+    log_path = out_dir / "train_log.jsonl"
+    history: list[dict] = []
+    if main and log_path.is_file():
+        # Keep log rows up to the resumed step; later ones belong to a run that was cut off.
+        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        history = [r for r in rows if r["step"] <= state["step"]]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    def save_checkpoint() -> Path:
+        final = out_dir / CHECKPOINTS / f"step-{state['step']:08d}"
+        tmp = out_dir / CHECKPOINTS / f".tmp-step-{state['step']:08d}"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank has written its part before the rename
+        if main:
+            if ema is not None:
+                from safetensors.torch import save_file
+
+                save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
+                          str(tmp / "ema.safetensors"))
+            if task.tokenizer is not None:
+                task.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            # trainer_state.json is written last: its presence marks the folder complete.
+            (tmp / STATE_NAME).write_text(json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            done = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*") if (p / STATE_NAME).is_file())
+            for old in done[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    last_good = ckpt
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not (progress and main),
+               desc=f"train {task.stage}", dynamic_ncols=True)
+    model.train()
+    t_start = time.perf_counter() - state["seconds"]
+    t_log, samples_at_log = time.perf_counter(), state["samples_seen"]
+    loss_sum, loss_n, last_loss, bad_in_row = 0.0, 0, float("nan"), 0
+    global_batch = cfg.batch_size * world
+    stopped_early = False
+    unwrapped = accelerator.unwrap_model(model)
+
+    while state["step"] < cfg.max_steps:
+        sampler.use_epoch(state["epoch"])
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(state["epoch"])
+        skip = state["batch_in_epoch"]
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        if hasattr(epoch_loader, "set_epoch"):
+            # accelerate passes its own epoch counter on to the dataset (caption dropout): keep it ours.
+            epoch_loader.set_epoch(state["epoch"])
+        for batch in epoch_loader:
+            state["batch_in_epoch"] += 1
+            with accelerator.accumulate(model):
+                loss, extra = task.loss(model, batch)
+                finite = torch.isfinite(loss.detach()).float()
+                if world > 1:
+                    finite = accelerator.reduce(finite, "min")
+                if finite.item() < 1:
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_in_row += 1
+                    where = f"non-finite loss ({loss.item()}) at step {state['step'] + 1}"
+                    if cfg.on_nonfinite == "stop" or bad_in_row > 10:
+                        keep = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+                        raise TrainingError(f"{where}; training stopped, {keep} (lower lr or use --resume latest)")
+                    if main:
+                        print(f"genvl: {where}; batch skipped")
+                    continue
+                bad_in_row = 0
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float().item()
+            loss_n += 1
+            state["samples_seen"] += global_batch
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            if ema is not None:
+                ema.step([p for p in unwrapped.parameters() if p.requires_grad])
+            state["step"] += 1
+            last_loss = loss_sum / loss_n
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
+                now = time.perf_counter()
+                row = {
+                    "step": state["step"], "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": (state["samples_seen"] - samples_at_log) / max(now - t_log, 1e-9),
+                    **{k: float(v) for k, v in extra.items()},
+                }
+                t_log, samples_at_log = now, state["samples_seen"]
+                if main:
+                    history.append(row)
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{row['samples_per_s']:.0f}")
+                if log_with:
+                    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=state["step"])
+            loss_sum, loss_n = 0.0, 0
+            state["seconds"] = time.perf_counter() - t_start
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.max_steps:
+                last_good = save_checkpoint()
+            if cfg.sample_every and state["step"] % cfg.sample_every == 0 and main:
+                task.sample(unwrapped, out_dir / "samples" / f"step-{state['step']:08d}.png", state["step"])
+            if stop_after is not None and state["step"] >= stop_after:
+                stopped_early = True
+                break
+            if state["step"] >= cfg.max_steps:
+                break
+        if stopped_early:
+            break
+        if state["step"] < cfg.max_steps and state["batch_in_epoch"] >= len(loader):
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    bar.close()
+    state["seconds"] = time.perf_counter() - t_start
+
+    if not stopped_early:
+        save_checkpoint()
+        if main:
+            _release(task, unwrapped, ema, out_dir, init_dir, cfg, state, dataset, data_path, command, last_loss)
+            plot_loss(log_path, out_dir / "loss.png", f"genvl train {task.stage}")
+            if cfg.sample_every >= 0:
+                task.sample(unwrapped, out_dir / "samples" / f"step-{state['step']:08d}.png", state["step"])
+    accelerator.wait_for_everyone()
+    if log_with:
+        accelerator.end_training()
+    return TrainResult(
+        out_dir=out_dir, step=state["step"], final_loss=last_loss, seconds=state["seconds"],
+        samples_seen=state["samples_seen"], skipped_files=skipped, stopped_early=stopped_early, history=history,
+        model=unwrapped,
+    )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _release(task, model, ema, out_dir, init_dir, cfg, state, dataset, data_path, command, last_loss) -> None:
+    """Write the model directory: components (EMA weights if enabled), tokenizer, card."""
+    import yaml
+
+    comps = task.components(model)
+    state_dicts = None
+    if ema is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        ema.store(params)
+        ema.copy_to(params)
+        state_dicts = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in comps.items()}
+        ema.restore(params)
+    # Finetuning keeps the other components of the model it started from.
+    if init_dir is not None:
+        for name in init_dir.components:
+            if name not in comps and not (out_dir / name).exists():
+                shutil.copytree(init_dir.path / name, out_dir / name)
+        from genvl.checkpoint import read_meta, write_meta
+
+        if not (out_dir / "genvl.json").exists():
+            meta = read_meta(init_dir.path)
+            meta["components"] = {k: v for k, v in meta["components"].items() if (out_dir / k).exists()}
+            meta["metrics"] = {}
+            write_meta(out_dir, meta)
+    record = {
+        "data": str(data_path), "pairs": len(dataset), "skipped": len(dataset.skipped), "steps": state["step"],
+        "batch_size": f"{cfg.batch_size} x {cfg.grad_accum} accumulation",
+        "samples_seen": state["samples_seen"], "time": f"{state['seconds']:.0f} s", "hardware": _hardware(),
+        "final_loss": last_loss, "command": command or "", "recipe": yaml.safe_dump(to_dict(cfg), sort_keys=False),
+    }
+    if init_dir is not None:
+        record["init"] = str(init_dir.path)
+    save_model_dir(out_dir, comps, tokenizer=task.tokenizer, state_dicts=state_dicts, training={task.component: record})

@@ -1,0 +1,64 @@
+"""Shared fixtures: small synthetic image-caption sets written to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COLORS = {
+    "red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (235, 210, 30),
+    "purple": (140, 40, 180), "orange": (245, 130, 20), "black": (20, 20, 20), "cyan": (30, 200, 210),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def draw_shape(color: str, shape: str, size: int = 32, jitter: int = 0, seed: int = 0) -> Image.Image:
+    """A coloured shape on white; ``jitter`` moves it a few pixels (seeded)."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    dx, dy = (rng.integers(-jitter, jitter + 1, 2) if jitter else (0, 0))
+    m = size // 5
+    box = (m + dx, m + dy, size - m + dx, size - m + dy)
+    c = COLORS[color]
+    if shape == "circle":
+        d.ellipse(box, fill=c)
+    elif shape == "square":
+        d.rectangle(box, fill=c)
+    elif shape == "triangle":
+        d.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=c)
+    else:
+        w = (box[2] - box[0]) // 3
+        d.rectangle((box[0] + w, box[1], box[2] - w, box[3]), fill=c)
+        d.rectangle((box[0], box[1] + w, box[2], box[3] - w), fill=c)
+    return img
+
+
+def write_shapes_folder(root: Path, n_per_pair: int = 1, size: int = 32, jitter: int = 0) -> Path:
+    """An imagefolder with metadata.jsonl: every colour x shape, captioned "a red circle"."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    k = 0
+    for color in COLORS:
+        for shape in SHAPES:
+            for j in range(n_per_pair):
+                name = f"{color}_{shape}_{j}.png"
+                draw_shape(color, shape, size, jitter, seed=k).save(root / name)
+                rows.append({"file_name": name, "text": f"a {color} {shape}"})
+                k += 1
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture
+def shapes_dir(tmp_path) -> Path:
+    """32 unique (colour, shape) pairs at 32 px."""
+    return write_shapes_folder(tmp_path / "shapes")

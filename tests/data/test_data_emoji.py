@@ -1,0 +1,146 @@
+"""The emoji builder on fake npm tarballs with the emoji-datasource layout (no network)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from genvl.data import build_emoji_dataset, emoji_caption, open_image_text
+from genvl.errors import DataError
+
+ENTRIES = [
+    {
+        "name": "FATHER CHRISTMAS", "short_name": "santa", "category": "People & Body",
+        "subcategory": "person-fantasy", "image": "1f385.png", "sort_order": 2,
+        "has_img_google": True, "has_img_twitter": True,
+        "skin_variations": {
+            "1F3FD": {"image": "1f385-1f3fd.png", "has_img_google": True, "has_img_twitter": True},
+            "1F3FF": {"image": "1f385-1f3ff.png", "has_img_google": False, "has_img_twitter": True},
+        },
+    },
+    {
+        "name": "GRINNING FACE", "short_name": "grinning", "category": "Smileys & Emotion",
+        "subcategory": "face-smiling", "image": "1f600.png", "sort_order": 1,
+        "has_img_google": True, "has_img_twitter": True, "skin_variations": None,
+    },
+    {
+        "name": "HANDSHAKE", "short_name": "handshake", "category": "People & Body",
+        "subcategory": "hands", "image": "1f91d.png", "sort_order": 3,
+        "has_img_google": True, "has_img_twitter": True,
+        "skin_variations": {
+            "1F3FB-1F3FC": {"image": "1faf1-1f3fb-200d-1faf2-1f3fc.png", "has_img_google": True,
+                            "has_img_twitter": True},
+            "1F3FE-1F3FE": {"image": "1f91d-1f3fe.png", "has_img_google": True, "has_img_twitter": True},
+        },
+    },
+    {
+        "name": "GHOST IMAGE", "short_name": "ghost", "category": "Smileys & Emotion",
+        "image": "1f47b.png", "sort_order": 4, "has_img_google": True, "has_img_twitter": True,
+    },
+]
+IN_TARBALL = ["1f385.png", "1f385-1f3fd.png", "1f385-1f3ff.png", "1f600.png", "1f91d.png",
+              "1faf1-1f3fb-200d-1faf2-1f3fc.png", "1f91d-1f3fe.png"]  # not 1f47b.png
+
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA", (64, 64), (seed * 30 % 256, 100, 200, 255)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def fake_package(path: Path, style: str) -> Path:
+    """A gzipped npm tarball shaped like emoji-datasource-<style>."""
+    members: list[tuple[str, bytes]] = [
+        ("package/LICENSE", f"The MIT License (MIT) fake for {style}\n".encode()),
+        ("package/package.json", json.dumps({"name": f"emoji-datasource-{style}", "version": "99.1.0"}).encode()),
+        ("package/emoji.json", json.dumps(ENTRIES).encode()),
+        (f"package/img/{style}/sheets/64.png", png(99)),
+    ]
+    members += [(f"package/img/{style}/64/{name}", png(i)) for i, name in enumerate(IN_TARBALL)]
+    members += [(f"package/img/{style}/32/1f600.png", png(0))]
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def tarballs(tmp_path) -> dict[str, Path]:
+    return {s: fake_package(tmp_path / f"emoji-datasource-{s}-99.1.0.tgz", s) for s in ("google", "twitter")}
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_build_from_fake_tarballs(tmp_path, tarballs):
+    out = tmp_path / "emoji"
+    result = build_emoji_dataset(out, progress=False, tarball_paths=tarballs, npm="/nonexistent/npm")
+    # google: 6 of 7 listed images (one variation has no google image); twitter: all 7.
+    assert result.counts == {"google": 6, "twitter": 7} and result.total == 13
+    assert result.versions == {"google": "99.1.0", "twitter": "99.1.0"}
+    assert sorted(result.missing) == ["google/1f47b.png", "twitter/1f47b.png"]
+
+    assert sorted(p.name for p in (out / "google").iterdir()) == sorted(set(IN_TARBALL) - {"1f385-1f3ff.png"})
+    assert (out / "twitter" / "1f600.png").read_bytes() == png(IN_TARBALL.index("1f600.png"))
+    rows = read_rows(out)
+    assert len(rows) == 13
+    assert rows[0] == {
+        "file_name": "google/1f600.png", "text": "grinning face, google noto style", "style": "google",
+        "category": "Smileys & Emotion", "short_name": "grinning",
+    }  # sort order, not file order
+    texts = {r["file_name"]: r["text"] for r in rows}
+    assert texts["twitter/1f385-1f3fd.png"] == "father christmas, medium skin tone, twitter twemoji style"
+    assert texts["twitter/1f385-1f3ff.png"] == "father christmas, dark skin tone, twitter twemoji style"
+    assert texts["google/1faf1-1f3fb-200d-1faf2-1f3fc.png"] == (
+        "handshake, light and medium-light skin tone, google noto style"
+    )
+    assert texts["google/1f91d-1f3fe.png"] == "handshake, medium-dark skin tone, google noto style"
+
+    licences = (out / "LICENSES.md").read_text()
+    for needle in ["Apache-2.0", "CC-BY-4.0", "Twitter, Inc. and other contributors",
+                   "emoji-datasource-google@99.1.0", "emoji-datasource-twitter@99.1.0"]:
+        assert needle in licences
+    assert (out / "LICENSE-emoji-datasource-twitter").read_text().startswith("The MIT License (MIT) fake for twitter")
+    assert (out / "LICENSE-emoji-datasource-google").exists()
+
+    ds = open_image_text(out, image_size=16)  # the output is a regular imagefolder
+    assert len(ds) == 13 and ds.skipped == []
+    assert ds[0]["pixel_values"].shape == (3, 16, 16)
+
+
+def test_limit_and_single_style(tmp_path, tarballs):
+    out = tmp_path / "small"
+    result = build_emoji_dataset(out, styles=("twitter",), limit=2, progress=False, tarball_paths=tarballs)
+    assert result.counts == {"twitter": 2}
+    assert [r["text"] for r in read_rows(out)] == [
+        "grinning face, twitter twemoji style", "father christmas, twitter twemoji style"
+    ]
+    assert not (out / "google").exists()
+    assert "CC-BY-4.0" in (out / "LICENSES.md").read_text() and "Apache" not in (out / "LICENSES.md").read_text()
+
+
+def test_errors(tmp_path):
+    with pytest.raises(DataError, match="npm not found"):
+        build_emoji_dataset(tmp_path / "x", styles=("google",), progress=False, npm=str(tmp_path / "no-npm"))
+    with pytest.raises(DataError, match="apple"):
+        build_emoji_dataset(tmp_path / "x", styles=("apple",), progress=False)
+    bogus = tmp_path / "bogus.tgz"
+    bogus.write_bytes(b"not a tarball")
+    with pytest.raises(DataError, match="bogus.tgz"):
+        build_emoji_dataset(tmp_path / "x", styles=("google",), progress=False, tarball_paths={"google": bogus})
+
+
+def test_caption_helper():
+    assert emoji_caption("GRINNING FACE", "google") == "grinning face, google noto style"
+    assert emoji_caption("Andorra Flag", "twitter") == "andorra flag, twitter twemoji style"
+    assert emoji_caption("KISS: MAN, MAN", "twitter", "1F3FB-1F3FF") == (
+        "kiss: man, man, light and dark skin tone, twitter twemoji style"
+    )

@@ -1,0 +1,149 @@
+"""The accelerate loop: learning, resume, checkpoints, EMA, non-finite stop, finetuning, DDP."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from genvl.checkpoint import open_model_dir
+from genvl.config import apply_overrides
+from genvl.errors import TrainingError
+from genvl.training import TrainConfig, train
+from genvl.training.tasks.clip import CLIPTask
+from genvl.training.trainer import find_checkpoint
+
+FAST = ["batch_size=8", "max_steps=12", "warmup_steps=2", "log_every=2", "save_every=4", "tokenizer_vocab=300",
+        "text_len=8", "tracker=none"]
+
+
+def cfg(*extra):
+    return apply_overrides(TrainConfig(), FAST + list(extra))
+
+
+def params(model_dir: Path) -> dict:
+    return {k: v.clone() for k, v in open_model_dir(model_dir).load("clip").state_dict().items()}
+
+
+def test_clip_learns_retrieval_far_above_chance(shapes_dir, tmp_path):
+    from genvl.data import open_image_text
+    from genvl.evaluation.embeddings import embed_pairs
+    from genvl.evaluation.retrieval import retrieval_metrics
+
+    c = apply_overrides(TrainConfig(), ["batch_size=32", "max_steps=300", "lr=3e-3", "warmup_steps=20",
+                                        "save_every=0", "tokenizer_vocab=300", "text_len=8", "tracker=none"])
+    res = train(CLIPTask(c), shapes_dir, tmp_path / "m", progress=False)
+    assert res.step == 300 and res.history[-1]["loss"] < res.history[0]["loss"]
+    md = open_model_dir(tmp_path / "m")
+    ds = open_image_text(shapes_dir, image_size=32)
+    img, txt = embed_pairs(md.load("clip"), md.tokenizer(), ds)
+    m = retrieval_metrics(img, txt)
+    chance = 100 / len(ds)  # 32 pairs -> 3.1 %
+    assert m["image_to_text_R@1"] > chance + 50, m
+    assert m["text_to_image_R@1"] > chance + 50, m
+
+
+def test_run_directory_contents(shapes_dir, tmp_path):
+    out = tmp_path / "run"
+    res = train(CLIPTask(cfg("ema_decay=0.9")), shapes_dir, out, progress=False)
+    assert res.step == 12 and res.samples_seen == 12 * 8
+    for f in ("genvl.json", "clip/config.json", "clip/model.safetensors", "tokenizer/tokenizer.json", "README.md",
+              "train_config.yaml", "train_log.jsonl", "loss.png"):
+        assert (out / f).is_file(), f
+    meta = json.loads((out / "genvl.json").read_text())
+    assert meta["components"] == {"clip": "genvl.models.clip.CLIP"}
+    assert meta["training"]["clip"]["steps"] == 12 and meta["training"]["clip"]["pairs"] == 32
+    assert "max_steps: 12" in (out / "README.md").read_text()
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    # keep_checkpoints=2: the final one and one periodic one, all complete, no temp folders left
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000008", "step-00000012"], ckpts
+    assert not list(out.rglob("*.pkl")) or all("random_states" in p.name for p in out.rglob("*.pkl"))
+    # EMA: released weights are the EMA weights, not the raw ones
+    raw = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(out / "checkpoints" / "step-00000012" / "model.safetensors"))
+    rel = params(out)
+    assert any(not torch.equal(raw[k], rel[k]) for k in rel if rel[k].dtype.is_floating_point and rel[k].numel() > 1)
+
+
+def test_resume_matches_uninterrupted_run(shapes_dir, tmp_path):
+    full = train(CLIPTask(cfg("ema_decay=0.9")), shapes_dir, tmp_path / "full", progress=False)
+    part = train(CLIPTask(cfg("ema_decay=0.9")), shapes_dir, tmp_path / "cut", progress=False, stop_after=6)
+    assert part.stopped_early and not (tmp_path / "cut" / "genvl.json").exists()
+    assert find_checkpoint(tmp_path / "cut", "latest").name == "step-00000004"
+    resumed = train(CLIPTask(cfg("ema_decay=0.9")), shapes_dir, tmp_path / "cut", resume="latest", progress=False)
+    assert resumed.step == full.step == 12
+    a, b = params(tmp_path / "full"), params(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    # the loss log of the resumed run has no duplicate rows
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_with_grad_accum_caption_dropout_across_epochs(shapes_dir, tmp_path):
+    # 32 pairs / batch 8 = 4 micro-batches per epoch; accumulation 3 straddles epoch ends.
+    extra = ["grad_accum=3", "max_steps=8", "save_every=3", "data.caption_dropout=0.3", "ema_decay=0.9"]
+    train(CLIPTask(cfg(*extra)), shapes_dir, tmp_path / "full", progress=False)
+    train(CLIPTask(cfg(*extra)), shapes_dir, tmp_path / "cut", progress=False, stop_after=4)
+    train(CLIPTask(cfg(*extra)), shapes_dir, tmp_path / "cut", resume="latest", progress=False)
+    a, b = params(tmp_path / "full"), params(tmp_path / "cut")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
+class NaNAt(CLIPTask):
+    def __init__(self, cfg, at):
+        super().__init__(cfg)
+        self.at, self.calls = at, 0
+
+    def loss(self, model, batch):
+        loss, extra = super().loss(model, batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls == self.at else loss), extra
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(shapes_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 7.*last good checkpoint: .*step-00000004"):
+        train(NaNAt(cfg(), at=7), shapes_dir, out, progress=False)
+    ck = find_checkpoint(out, "latest")
+    assert ck.name == "step-00000004" and (ck / "model.safetensors").is_file()
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    # and the run resumes from it
+    res = train(CLIPTask(cfg()), shapes_dir, out, resume="latest", progress=False)
+    assert res.step == 12
+
+
+def test_nonfinite_skip_mode_skips_the_batch(shapes_dir, tmp_path):
+    res = train(NaNAt(cfg("on_nonfinite=skip"), at=3), shapes_dir, tmp_path / "run", progress=False)
+    assert res.step == 12 and res.final_loss == res.final_loss  # finite
+
+
+def test_skipped_bad_files_are_counted_and_training_finishes(shapes_dir, tmp_path):
+    (shapes_dir / "zero.png").write_bytes(b"")
+    (shapes_dir / "text.png").write_text("not an image")
+    good = (shapes_dir / "red_circle_0.png").read_bytes()
+    (shapes_dir / "trunc.png").write_bytes(good[: len(good) // 2])
+    with (shapes_dir / "metadata.jsonl").open("a") as f:
+        for n in ("zero.png", "text.png", "trunc.png", "missing.png"):
+            f.write(json.dumps({"file_name": n, "text": "bad"}) + "\n")
+    res = train(CLIPTask(cfg()), shapes_dir, tmp_path / "run", progress=False)
+    assert res.skipped_files == 4 and res.step == 12
+    assert json.loads((tmp_path / "run" / "genvl.json").read_text())["training"]["clip"]["skipped"] == 4
+
+
+def test_init_finetunes_from_a_model_directory(shapes_dir, tmp_path):
+    train(CLIPTask(cfg()), shapes_dir, tmp_path / "base", progress=False)
+    before = params(tmp_path / "base")
+    res = train(CLIPTask(cfg("max_steps=3", "lr=1e-2")), shapes_dir, tmp_path / "ft", init=tmp_path / "base",
+                progress=False)
+    assert res.step == 3
+    after = params(tmp_path / "ft")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "ft" / "tokenizer" / "tokenizer.json").read_text() == \
+        (tmp_path / "base" / "tokenizer" / "tokenizer.json").read_text()
+    assert json.loads((tmp_path / "ft" / "genvl.json").read_text())["training"]["clip"]["init"] == str(tmp_path / "base")
