@@ -97,7 +97,7 @@ def cmd_train(args) -> int:
         cfg = TrainConfig()
     cfg = apply_overrides(cfg, args.set)
     cfg.validate()
-    command = "genvl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("genvl") else None
+    command = "genvl " + " ".join(shlex.quote(a) for a in args.argv)
 
     if args.stage == "tokenizer":
         from genvl.data import open_image_text
@@ -119,8 +119,9 @@ def cmd_train(args) -> int:
     task = get_task(args.stage, cfg)
     result = train(task, args.data, out, resume=args.resume, init=args.init, command=command,
                    progress=not args.no_progress)
-    print(f"genvl: trained {args.stage} for {result.step} steps in {result.seconds:.0f} s "
-          f"(final loss {result.final_loss:.4f}); model directory: {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"genvl: trained {args.stage} for {result.step} steps in {result.seconds:.1f} s "
+              f"(final loss {result.final_loss:.4f}); model directory: {out}")
     return 0
 
 
@@ -233,7 +234,11 @@ def cmd_data(args) -> int:
 
         styles = tuple(s.strip() for s in args.styles.split(",") if s.strip())
         res = build_emoji_dataset(args.out, styles=styles, limit=args.limit, progress=not args.no_progress)
-        print(f"genvl: wrote {res.count if hasattr(res, 'count') else res} captioned emoji images to {args.out}")
+        per_style = ", ".join(f"{s} {n} (v{res.versions.get(s, '?')})" for s, n in res.counts.items())
+        print(f"genvl: wrote {res.total} captioned emoji images to {res.out_dir} ({per_style}); "
+              f"licences in {Path(res.out_dir) / 'LICENSES.md'}")
+        if res.missing:
+            print(f"genvl: {len(res.missing)} image(s) listed in emoji.json were not in the package")
         return 0
     raise GenvlError(f"data {args.data_cmd} is not available in this version of genvl")
 
@@ -372,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except GenvlError as e:

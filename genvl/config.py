@@ -169,5 +169,7 @@ def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
         if parent_cls is not None and leaf not in node:
             known = ", ".join(sorted(node))
             raise ConfigError(f"--set {key}: unknown key {leaf!r}; known: {known}")
+        if parent_cls is not None and _unwrap_optional(_field_types(parent_cls)[leaf]) is str:
+            value = raw.strip()  # keep text as typed: YAML would turn "no" into False
         node[leaf] = value
     return from_dict(type(cfg), data, where="config")

@@ -6,7 +6,9 @@ from genvl.training.config import TrainConfig
 
 
 def test_yaml_roundtrip(tmp_path):
-    cfg = apply_overrides(TrainConfig(), ["lr=3e-4", "data.image_size=64", "model.size=small", "ema_decay=0.99"])
+    cfg = apply_overrides(TrainConfig(), ["lr=3e-4", "data.image_size=64", "model.size=small", "ema_decay=0.99",
+                                          "mixed_precision=no", "on_nonfinite=skip"])
+    assert cfg.mixed_precision == "no" and cfg.on_nonfinite == "skip"
     assert cfg.lr == pytest.approx(3e-4) and cfg.data.image_size == 64 and cfg.model["size"] == "small"
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(TrainConfig, tmp_path / "c.yaml") == cfg

@@ -90,8 +90,13 @@ def load_text_tokenizer(path: str | Path):
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int | None = None) -> dict:
-    """Tokenize a batch to padded ``input_ids`` and ``attention_mask`` tensors, truncating."""
-    max_length = max_length or tokenizer.model_max_length
-    return tokenizer(
-        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    """Tokenize a batch to ``input_ids`` and ``attention_mask`` tensors.
+
+    Pads to the longest text of the batch and truncates at ``max_length`` (default: the
+    tokenizer's ``model_max_length``), keeping the end token so the text tower still pools there.
+    """
+    if max_length is None:
+        max_length = tokenizer.model_max_length
+        if max_length > 100_000:  # tokenizers saved without a limit report a huge sentinel
+            max_length = 512
+    return tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")

@@ -212,6 +212,11 @@ def train(
         except ImportError:
             if cfg.tracker == "tensorboard":
                 raise TrainingError("tracker 'tensorboard' asked for but tensorboard is not installed") from None
+    # accelerate keeps one process-wide state; a second run in the same process (a notebook, the
+    # tests) with another precision needs it cleared. The process group (PartialState) stays.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -424,8 +429,9 @@ def train(
 
     if not stopped_early:
         save_checkpoint()
+        weights = _release_state_dicts(task, accelerator, model, unwrapped, ema)  # collective under FSDP
         if main:
-            _release(task, unwrapped, ema, out_dir, init_dir, cfg, state, dataset, data_path, command, last_loss)
+            _release(task, unwrapped, weights, out_dir, init_dir, cfg, state, dataset, data_path, command, last_loss)
             plot_loss(log_path, out_dir / "loss.png", f"genvl train {task.stage}")
             if cfg.sample_every >= 0:
                 task.sample(unwrapped, out_dir / "samples" / f"step-{state['step']:08d}.png", state["step"])
@@ -449,18 +455,31 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _release(task, model, ema, out_dir, init_dir, cfg, state, dataset, data_path, command, last_loss) -> None:
-    """Write the model directory: components (EMA weights if enabled), tokenizer, card."""
+def _release_state_dicts(task, accelerator, model, unwrapped, ema) -> dict[str, dict]:
+    """Full (gathered) weights of each component, the EMA ones when EMA is on.
+
+    Called on every process: under FSDP gathering the state dict is a collective operation.
+    """
+    params = [p for p in unwrapped.parameters() if p.requires_grad]
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        out = {}
+        for name, module in task.components(unwrapped).items():
+            sd = accelerator.get_state_dict(model) if module is unwrapped else module.state_dict()
+            out[name] = {k: v.detach().to("cpu").clone() for k, v in sd.items()} if sd is not None else None
+        return out
+    finally:
+        if ema is not None:
+            ema.restore(params)
+
+
+def _release(task, model, state_dicts, out_dir, init_dir, cfg, state, dataset, data_path, command, last_loss) -> None:
+    """Write the model directory: components, tokenizer, card."""
     import yaml
 
     comps = task.components(model)
-    state_dicts = None
-    if ema is not None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        ema.store(params)
-        ema.copy_to(params)
-        state_dicts = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in comps.items()}
-        ema.restore(params)
     # Finetuning keeps the other components of the model it started from.
     if init_dir is not None:
         for name in init_dir.components:

@@ -147,3 +147,80 @@ def test_init_finetunes_from_a_model_directory(shapes_dir, tmp_path):
     assert (tmp_path / "ft" / "tokenizer" / "tokenizer.json").read_text() == \
         (tmp_path / "base" / "tokenizer" / "tokenizer.json").read_text()
     assert json.loads((tmp_path / "ft" / "genvl.json").read_text())["training"]["clip"]["init"] == str(tmp_path / "base")
+
+
+class SamplingTask(CLIPTask):
+    """A generative-stage stand-in: writes a 'sample grid' through the trainer's hook."""
+
+    def sample(self, model, path, step):
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (step % 256, 0, 0)).save(path)
+        return path
+
+
+def test_sample_hook_runs_every_n_steps(shapes_dir, tmp_path):
+    train(SamplingTask(cfg("sample_every=5")), shapes_dir, tmp_path / "run", progress=False)
+    names = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    assert names == ["step-00000005.png", "step-00000010.png", "step-00000012.png"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_mixed_precision_runs_and_learns(shapes_dir, tmp_path, precision):
+    res = train(CLIPTask(cfg(f"mixed_precision={precision}", "max_steps=30", "lr=3e-3")), shapes_dir,
+                tmp_path / precision, progress=False)
+    losses = [r["loss"] for r in res.history]
+    assert all(l == l for l in losses) and losses[-1] < losses[0]
+    # released weights are float32 whatever the compute precision
+    assert all(v.dtype == torch.float32 for v in params(tmp_path / precision).values() if v.is_floating_point())
+
+
+def test_siglip_and_soft_losses_train(shapes_dir, tmp_path):
+    for loss in ("siglip", "soft"):
+        res = train(CLIPTask(cfg(f"model.loss={loss}", "max_steps=20", "lr=3e-3")), shapes_dir, tmp_path / loss,
+                    progress=False)
+        assert res.history[-1]["loss"] < res.history[0]["loss"], loss
+    bias = params(tmp_path / "siglip")["logit_bias"]
+    assert bias.item() != -10.0  # the SigLIP bias is learned
+
+
+def test_lit_frozen_text_encoder_from_a_huggingface_directory(shapes_dir, tmp_path):
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from genvl.tokenizers.text import train_text_tokenizer
+
+    tok = train_text_tokenizer([f"a {c} {s}" for c in "red green blue".split() for s in "circle square".split()],
+                               vocab_size=300, model_max_length=16)
+    enc_dir = tmp_path / "bert"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=len(tok), max_position_embeddings=16)).save_pretrained(enc_dir)
+    tok.save_pretrained(str(enc_dir))
+    before = {k: v.clone() for k, v in BertModel.from_pretrained(enc_dir).state_dict().items()}
+    train(CLIPTask(cfg(f"model.text_encoder={enc_dir}")), shapes_dir, tmp_path / "lit", progress=False)
+    clip = open_model_dir(tmp_path / "lit").load("clip")
+    after = clip.text.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # frozen
+    assert clip.config.text_encoder["model_type"] == "bert"
+
+
+def test_start_from_a_huggingface_clip_directory(shapes_dir, tmp_path):
+    from transformers import CLIPConfig as HFConfig
+    from transformers import CLIPModel
+
+    from genvl.tokenizers.text import train_text_tokenizer
+
+    tok = train_text_tokenizer([f"a {c} shape" for c in "red green blue".split()], vocab_size=300, model_max_length=16)
+    hf = CLIPModel(HFConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=len(tok), max_position_embeddings=16, eos_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16))
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(str(tmp_path / "hf"))
+    res = train(CLIPTask(cfg(f"model.from_hf={tmp_path / 'hf'}", "max_steps=4")), shapes_dir, tmp_path / "ft",
+                progress=False)
+    assert res.step == 4
+    clip = open_model_dir(tmp_path / "ft").load("clip")
+    assert clip.config.embed_dim == 16

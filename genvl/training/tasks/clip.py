@@ -7,13 +7,21 @@ from typing import Any
 import torch
 
 from genvl.errors import ModelDirError
-from genvl.models.clip import CLIP, clip_config
+from genvl.models.clip import CLIP, clip_config, external_text_encoder_config, load_external_text_encoder_weights
 from genvl.models.losses import contrastive_loss
-from genvl.tokenizers.text import encode_texts, train_text_tokenizer
+from genvl.tokenizers.text import encode_texts, load_text_tokenizer, train_text_tokenizer
 from genvl.training.trainer import Task
 
 
 class CLIPTask(Task):
+    """Contrastive image-text training.
+
+    ``model`` recipe keys: ``size`` (tiny | small | base), ``loss`` (infonce | siglip | soft),
+    tower overrides ``vision`` / ``text``, and, instead of a new model, ``from_hf: PATH`` (start
+    from a HuggingFace CLIP checkpoint directory) or ``text_encoder: PATH`` (a frozen HuggingFace
+    encoder as the text tower, LiT).
+    """
+
     stage = "clip"
     component = "clip"
 
@@ -25,10 +33,26 @@ class CLIPTask(Task):
             if self.cfg.model.get("loss") and self.cfg.model["loss"] != model.config.loss:
                 raise ModelDirError(f"{init.path}: its CLIP was trained with loss {model.config.loss!r}, not {self.cfg.model['loss']!r}")
             return model.train()
+        overrides = dict(self.cfg.model)
+        if overrides.get("from_hf"):
+            # Start from a HuggingFace CLIP checkpoint directory (openai/clip-vit-* layout).
+            path = overrides["from_hf"]
+            self.tokenizer = tokenizer or load_text_tokenizer(path)
+            return CLIP.from_hf_clip(path, loss=overrides.get("loss", "infonce")).train()
+        if isinstance(overrides.get("text_encoder"), str):
+            # LiT: a frozen HuggingFace encoder (and its tokenizer) as the text tower.
+            path = overrides.pop("text_encoder")
+            self.tokenizer = tokenizer or load_text_tokenizer(path)
+            size = overrides.pop("size", "tiny")
+            vision = dict(overrides.pop("vision", {}))
+            vision.setdefault("image_size", self.cfg.data.image_size)
+            cfg = clip_config(size, vision=vision, text_encoder=external_text_encoder_config(path), **overrides)
+            model = CLIP(cfg)
+            load_external_text_encoder_weights(model, path)
+            return model.train()
         self.tokenizer = tokenizer or train_text_tokenizer(
             dataset.captions, vocab_size=self.cfg.tokenizer_vocab, model_max_length=self.cfg.text_len
         )
-        overrides = dict(self.cfg.model)
         size = overrides.pop("size", "tiny")
         text = dict(overrides.pop("text", {}))
         text.update(vocab_size=len(self.tokenizer), max_position_embeddings=self.tokenizer.model_max_length,
