@@ -224,3 +224,15 @@ def test_start_from_a_huggingface_clip_directory(shapes_dir, tmp_path):
     assert res.step == 4
     clip = open_model_dir(tmp_path / "ft").load("clip")
     assert clip.config.embed_dim == 16
+
+
+def test_tensorboard_logging_when_installed(shapes_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(CLIPTask(cfg("tracker=tensorboard")), shapes_dir, tmp_path / "run", progress=False)
+    (events,) = (tmp_path / "run" / "logs" / "clip").glob("events.out.tfevents.*")  # scalars; hparams in a subfolder
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert {"loss", "lr", "samples_per_s"} <= set(acc.Tags()["scalars"])
+    assert [s.step for s in acc.Scalars("loss")] == [2, 4, 6, 8, 10, 12]
