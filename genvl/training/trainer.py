@@ -71,6 +71,9 @@ class Task:
     def components(self, model: nn.Module) -> dict[str, nn.Module]:
         return {self.component: model}
 
+    def to_device(self, device: torch.device) -> None:
+        """Move frozen helpers the task holds (a CLIP core, say) to the training device."""
+
     def sample(self, model: nn.Module, path: Path, step: int) -> Path | None:
         """Write a sample grid to ``path`` (generative stages); None when the stage has none."""
         return None
@@ -272,6 +275,7 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(cfg))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    task.to_device(accelerator.device)
 
     ema = None
     if cfg.ema_decay > 0:

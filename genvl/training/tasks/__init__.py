@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import importlib
+
 from genvl.errors import GenvlError
 
-# Stages of the design; those not listed in TASKS arrive with later parts of genvl.
+# Stages of the design, in training order.
 STAGES = ("tokenizer", "clip", "prior", "decoder", "sr", "vqvae", "lm", "interleaved")
+
+# stage -> "module:Class"; stages missing here arrive with later parts of genvl.
+TASKS = {
+    "clip": "genvl.training.tasks.clip:CLIPTask",
+    "prior": "genvl.training.tasks.prior:PriorTask",
+    "decoder": "genvl.training.tasks.decoder:DecoderTask",
+    "sr": "genvl.training.tasks.decoder:SuperResTask",
+}
+
+
+def available_stages() -> list[str]:
+    out = ["tokenizer"]
+    for stage, target in TASKS.items():
+        module = target.split(":")[0]
+        if importlib.util.find_spec(module) is not None:
+            out.append(stage)
+    return out
 
 
 def get_task(stage: str, cfg):
-    from genvl.training.tasks.clip import CLIPTask
-
-    tasks = {"clip": CLIPTask}
     if stage not in STAGES:
         raise GenvlError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    if stage not in tasks:
-        raise GenvlError(f"stage {stage!r} is not available in this version of genvl (available: clip, tokenizer)")
-    return tasks[stage](cfg)
+    target = TASKS.get(stage)
+    if target is None or stage not in available_stages():
+        raise GenvlError(
+            f"stage {stage!r} is not available in this version of genvl (available: {', '.join(available_stages())})"
+        )
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(cfg)
