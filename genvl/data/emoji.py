@@ -108,19 +108,42 @@ class EmojiBuildResult:
         return sum(self.counts.values())
 
 
-def emoji_caption(name: str, style: str, skin_key: str | None = None) -> str:
+def common_name(unified: str) -> str | None:
+    """The CLDR short name of an emoji ("red heart" for U+2764), from the ``emoji`` package.
+
+    Unicode character names are often archaic (U+2764 is "HEAVY BLACK HEART"); the CLDR name is
+    what people type. Returns None when the ``emoji`` package is not installed or lacks the emoji.
+    """
+    try:
+        import emoji as emoji_pkg
+    except ImportError:
+        return None
+    try:
+        char = "".join(chr(int(cp, 16)) for cp in unified.split("-"))
+    except ValueError:
+        return None
+    data = emoji_pkg.EMOJI_DATA.get(char) or emoji_pkg.EMOJI_DATA.get(char.replace("\ufe0f", ""))
+    if not data or not data.get("en"):
+        return None
+    return data["en"].strip(":").replace("_", " ").lower()
+
+
+def emoji_caption(name: str, style: str, skin_key: str | None = None, common: str | None = None) -> str:
     """The caption of one emoji image.
 
     Args:
         name: Unicode name from ``emoji.json`` (e.g. "FATHER CHRISTMAS").
         style: ``"google"`` or ``"twitter"``.
         skin_key: A ``skin_variations`` key such as ``"1F3FD"`` or ``"1F3FB-1F3FC"``.
+        common: the CLDR name (e.g. "santa claus"), put first when it differs from ``name``.
 
     Returns:
         E.g. ``"father christmas, medium skin tone, twitter twemoji style"``. Two-person
         variations read "light and medium-light skin tone"; identical tones are named once.
     """
     parts = [name.strip().lower()]
+    if common and common.strip().lower() != parts[0]:
+        parts.insert(0, common.strip().lower())
     if skin_key:
         tones: list[str] = []
         for code in skin_key.upper().split("-"):
@@ -182,6 +205,7 @@ def _plan_style(entries: list[dict[str, Any]], style: str, limit: int | None) ->
     ordered = sorted(entries, key=lambda e: (e.get("sort_order", 1 << 30), e.get("unified", "")))
     for entry in ordered:
         name = entry.get("name") or (entry.get("short_name") or "").replace("_", " ")
+        common = common_name(entry.get("unified", ""))
         variants: list[tuple[str | None, dict[str, Any]]] = [(None, entry)]
         variants += list((entry.get("skin_variations") or {}).items())
         for skin_key, variant in variants:
@@ -193,7 +217,7 @@ def _plan_style(entries: list[dict[str, Any]], style: str, limit: int | None) ->
                 continue
             plan[image] = {
                 "file_name": f"{style}/{image}",
-                "text": emoji_caption(name, style, skin_key),
+                "text": emoji_caption(name, style, skin_key, common),
                 "style": style,
                 "category": entry.get("category") or "",
                 "short_name": entry.get("short_name") or "",

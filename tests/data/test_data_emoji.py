@@ -144,3 +144,15 @@ def test_caption_helper():
     assert emoji_caption("KISS: MAN, MAN", "twitter", "1F3FB-1F3FF") == (
         "kiss: man, man, light and dark skin tone, twitter twemoji style"
     )
+
+
+def test_caption_leads_with_the_common_name_when_it_differs():
+    from genvl.data.emoji import common_name
+
+    assert emoji_caption("HEAVY BLACK HEART", "google", common="red heart") == \
+        "red heart, heavy black heart, google noto style"
+    assert emoji_caption("CAT FACE", "twitter", common="cat face") == "cat face, twitter twemoji style"
+    pytest.importorskip("emoji")
+    assert common_name("2764-FE0F") == "red heart"
+    assert common_name("1F385") == "santa claus"
+    assert common_name("ZZZZ") is None

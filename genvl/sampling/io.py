@@ -1,0 +1,80 @@
+"""Writing generated images: PNGs that carry their generation settings, grids, safe file names."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> list of RGB PIL images."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(im.permute(1, 2, 0).numpy(), "RGB") for im in x]
+
+
+def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile images (all the same size) into one image, ``ncols`` per row, white padding."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    w, h = images[0].size
+    ncols = ncols or min(len(images), 8)
+    nrows = (len(images) + ncols - 1) // ncols
+    grid = Image.new("RGB", (ncols * w + (ncols + 1) * pad, nrows * h + (nrows + 1) * pad), "white")
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
+
+
+def png_info(metadata: dict[str, Any]) -> PngInfo:
+    """Text chunks: one per key, plus ``genvl`` holding all of them as JSON."""
+    info = PngInfo()
+    for k, v in metadata.items():
+        info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
+    info.add_text("genvl", json.dumps(metadata, sort_keys=True))
+    return info
+
+
+def read_png_metadata(path: str | Path) -> dict[str, Any]:
+    with Image.open(path) as im:
+        text = dict(getattr(im, "text", {}) or {})
+    return json.loads(text["genvl"]) if "genvl" in text else text
+
+
+def reserve_path(directory: Path, stem: str, suffix: str = ".png") -> Path:
+    """Create and return a new file ``directory/stem[-N].suffix`` that no other process holds.
+
+    The file is created with O_EXCL, so concurrent ``genvl sample`` runs writing into one folder
+    never pick the same name.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for n in range(100_000):
+        path = directory / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise RuntimeError(f"no free file name for {stem} in {directory}")
+
+
+def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> Path:
+    """Write ``image`` with its metadata, via a temporary file renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    image.save(tmp, format="PNG", pnginfo=png_info(metadata))
+    os.replace(tmp, path)
+    return path
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    """A file-name-safe stem from a prompt."""
+    keep = "".join(c.lower() if c.isalnum() else "-" for c in text.strip())
+    keep = "-".join(p for p in keep.split("-") if p)
+    return (keep[:max_len].rstrip("-") or "sample")
