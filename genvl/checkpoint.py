@@ -33,8 +33,15 @@ FORMAT = "genvl-model"
 
 
 def _import_components() -> None:
-    # Registers the component classes a directory may name.
-    import genvl.models.clip  # noqa: F401
+    # Registers the component classes a directory may name (modules that are not there yet are skipped).
+    import importlib
+
+    for module in ("genvl.models.clip", "genvl.models.prior", "genvl.models.decoder"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
 
 
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
