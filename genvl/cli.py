@@ -87,12 +87,13 @@ def cmd_train(args) -> int:
     from genvl.config import apply_overrides, load_config
     from genvl.training.config import TrainConfig
     from genvl.training.tasks import get_task
+    from genvl.training.trainer import stage_dir
 
     out = Path(args.out)
     if args.config:
         cfg = load_config(TrainConfig, args.config)
-    elif args.resume and (out / "train_config.yaml").is_file():
-        cfg = load_config(TrainConfig, out / "train_config.yaml")
+    elif args.resume and (stage_dir(out, args.stage) / "config.yaml").is_file():
+        cfg = load_config(TrainConfig, stage_dir(out, args.stage) / "config.yaml")
     else:
         cfg = TrainConfig()
     cfg = apply_overrides(cfg, args.set)

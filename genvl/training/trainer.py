@@ -5,12 +5,16 @@ Run directory (``--out``), which is also the released model directory:
 ```
 OUT/
   genvl.json, clip/, tokenizer/, README.md     the model directory (written at the end)
-  train_config.yaml                            the resolved recipe of this run
-  train_log.jsonl, loss.png                    loss / lr / throughput every log_every steps
-  checkpoints/step-00000100/                   resume state (accelerate save_state + trainer_state.json)
-  samples/                                     sample grids of generative stages
-  logs/                                        tensorboard, when installed
+  train/STAGE/                                 one folder per stage trained into OUT
+    config.yaml                                the resolved recipe of this run
+    log.jsonl, loss.png                        loss / lr / throughput every log_every steps
+    checkpoints/step-00000100/                 resume state (accelerate save_state + trainer_state.json)
+    samples/                                   sample grids of generative stages
+    tensorboard/                               when tensorboard is installed
 ```
+
+Stages trained one after another into one directory (clip, then prior, then decoder) keep
+their logs and checkpoints apart.
 
 Checkpoints are written to a temporary folder and renamed into place, so a folder named
 ``step-N`` is always complete. Resume state loads with ``weights_only=True``; the EMA weights are
@@ -122,14 +126,19 @@ class TrainResult:
     model: nn.Module | None = None  # the trained (unwrapped) model, raw weights
 
 
-def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
-    """``latest`` -> newest complete ``checkpoints/step-N``; otherwise a path."""
+def stage_dir(out_dir: str | Path, stage: str) -> Path:
+    """Where a stage keeps its recipe, log, checkpoints and samples inside ``out_dir``."""
+    return Path(out_dir) / "train" / stage
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """``latest`` -> newest complete ``run_dir/checkpoints/step-N``; otherwise a path."""
     if resume != "latest":
         p = Path(resume)
         if not (p / STATE_NAME).is_file():
             raise TrainingError(f"not a complete checkpoint: {p} (no {STATE_NAME})")
         return p
-    root = out_dir / CHECKPOINTS
+    root = run_dir / CHECKPOINTS
     done = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
     return done[-1] if done else None
 
@@ -206,6 +215,7 @@ def train(
     cfg = task.cfg
     cfg.validate()
     out_dir = Path(out_dir)
+    run_dir = stage_dir(out_dir, task.stage)
     log_with = None
     if cfg.tracker != "none":
         try:
@@ -224,7 +234,7 @@ def train(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=log_with,
-        project_dir=str(out_dir / "logs"),
+        project_dir=str(run_dir / "tensorboard"),
         step_scheduler_with_optimizer=False,
         # Under torchrun on a machine without GPUs accelerate only goes multi-process when told
         # to use the CPU; otherwise each process would silently train alone.
@@ -233,9 +243,9 @@ def train(
     main = accelerator.is_main_process
     set_seed(cfg.seed)
 
-    ckpt = find_checkpoint(out_dir, resume) if resume else None
+    ckpt = find_checkpoint(run_dir, resume) if resume else None
     if resume and ckpt is None and main:
-        print(f"genvl: no checkpoint in {out_dir / CHECKPOINTS}; starting from step 0")
+        print(f"genvl: no checkpoint in {run_dir / CHECKPOINTS}; starting from step 0")
 
     dataset = open_image_text(
         data_path, image_size=cfg.data.image_size, caption_dropout=cfg.data.caption_dropout,
@@ -301,14 +311,14 @@ def train(
             print(f"genvl: resumed from {ckpt} at step {state['step']}")
 
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "train_config.yaml")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
         if task.tokenizer is not None:
             task.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     if log_with:
         accelerator.init_trackers(task.stage, config={k: v for k, v in _flat(to_dict(cfg)).items()})
 
-    log_path = out_dir / "train_log.jsonl"
+    log_path = run_dir / "log.jsonl"
     history: list[dict] = []
     if main and log_path.is_file():
         # Keep log rows up to the resumed step; later ones belong to a run that was cut off.
@@ -317,8 +327,8 @@ def train(
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def save_checkpoint() -> Path:
-        final = out_dir / CHECKPOINTS / f"step-{state['step']:08d}"
-        tmp = out_dir / CHECKPOINTS / f".tmp-step-{state['step']:08d}"
+        final = run_dir / CHECKPOINTS / f"step-{state['step']:08d}"
+        tmp = run_dir / CHECKPOINTS / f".tmp-step-{state['step']:08d}"
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +347,7 @@ def train(
             (tmp / STATE_NAME).write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            done = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*") if (p / STATE_NAME).is_file())
+            done = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / STATE_NAME).is_file())
             for old in done[: -cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -417,7 +427,7 @@ def train(
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.max_steps:
                 last_good = save_checkpoint()
             if cfg.sample_every and state["step"] % cfg.sample_every == 0 and main:
-                task.sample(unwrapped, out_dir / "samples" / f"step-{state['step']:08d}.png", state["step"])
+                task.sample(unwrapped, run_dir / "samples" / f"step-{state['step']:08d}.png", state["step"])
             if stop_after is not None and state["step"] >= stop_after:
                 stopped_early = True
                 break
@@ -436,9 +446,8 @@ def train(
         weights = _release_state_dicts(task, accelerator, model, unwrapped, ema)  # collective under FSDP
         if main:
             _release(task, unwrapped, weights, out_dir, init_dir, cfg, state, dataset, data_path, command, last_loss)
-            plot_loss(log_path, out_dir / "loss.png", f"genvl train {task.stage}")
-            if cfg.sample_every >= 0:
-                task.sample(unwrapped, out_dir / "samples" / f"step-{state['step']:08d}.png", state["step"])
+            plot_loss(log_path, run_dir / "loss.png", f"genvl train {task.stage}")
+            task.sample(unwrapped, run_dir / "samples" / f"step-{state['step']:08d}.png", state["step"])
     accelerator.wait_for_everyone()
     if log_with:
         accelerator.end_training()

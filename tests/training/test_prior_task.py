@@ -41,7 +41,7 @@ def test_prior_trains_end_to_end(shapes_dir, clip_dir, tmp_path):
     res = train(PriorTask(c), shapes_dir, out, init=clip_dir, progress=False)
     assert res.step == 40
     for f in ("prior/config.json", "prior/model.safetensors", "clip/config.json", "clip/model.safetensors",
-              "tokenizer/tokenizer.json", "genvl.json", "README.md", "train_log.jsonl"):
+              "tokenizer/tokenizer.json", "genvl.json", "README.md", "train/prior/log.jsonl"):
         assert (out / f).is_file(), f
     meta = json.loads((out / "genvl.json").read_text())
     assert meta["components"] == {"clip": "genvl.models.clip.CLIP", "prior": "genvl.models.prior.DiffusionPrior"}

@@ -11,7 +11,7 @@ from genvl.config import apply_overrides
 from genvl.errors import TrainingError
 from genvl.training import TrainConfig, train
 from genvl.training.tasks.clip import CLIPTask
-from genvl.training.trainer import find_checkpoint
+from genvl.training.trainer import find_checkpoint, stage_dir
 
 FAST = ["batch_size=8", "max_steps=12", "warmup_steps=2", "log_every=2", "save_every=4", "tokenizer_vocab=300",
         "text_len=8", "tracker=none"]
@@ -48,21 +48,21 @@ def test_run_directory_contents(shapes_dir, tmp_path):
     res = train(CLIPTask(cfg("ema_decay=0.9")), shapes_dir, out, progress=False)
     assert res.step == 12 and res.samples_seen == 12 * 8
     for f in ("genvl.json", "clip/config.json", "clip/model.safetensors", "tokenizer/tokenizer.json", "README.md",
-              "train_config.yaml", "train_log.jsonl", "loss.png"):
+              "train/clip/config.yaml", "train/clip/log.jsonl", "train/clip/loss.png"):
         assert (out / f).is_file(), f
     meta = json.loads((out / "genvl.json").read_text())
     assert meta["components"] == {"clip": "genvl.models.clip.CLIP"}
     assert meta["training"]["clip"]["steps"] == 12 and meta["training"]["clip"]["pairs"] == 32
     assert "max_steps: 12" in (out / "README.md").read_text()
-    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (out / "train/clip/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
     # keep_checkpoints=2: the final one and one periodic one, all complete, no temp folders left
-    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (out / "train/clip/checkpoints").iterdir())
     assert ckpts == ["step-00000008", "step-00000012"], ckpts
     assert not list(out.rglob("*.pkl")) or all("random_states" in p.name for p in out.rglob("*.pkl"))
     # EMA: released weights are the EMA weights, not the raw ones
     raw = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        str(out / "checkpoints" / "step-00000012" / "model.safetensors"))
+        str(out / "train/clip/checkpoints" / "step-00000012" / "model.safetensors"))
     rel = params(out)
     assert any(not torch.equal(raw[k], rel[k]) for k in rel if rel[k].dtype.is_floating_point and rel[k].numel() > 1)
 
@@ -71,7 +71,7 @@ def test_resume_matches_uninterrupted_run(shapes_dir, tmp_path):
     full = train(CLIPTask(cfg("ema_decay=0.9")), shapes_dir, tmp_path / "full", progress=False)
     part = train(CLIPTask(cfg("ema_decay=0.9")), shapes_dir, tmp_path / "cut", progress=False, stop_after=6)
     assert part.stopped_early and not (tmp_path / "cut" / "genvl.json").exists()
-    assert find_checkpoint(tmp_path / "cut", "latest").name == "step-00000004"
+    assert find_checkpoint(stage_dir(tmp_path / "cut", "clip"), "latest").name == "step-00000004"
     resumed = train(CLIPTask(cfg("ema_decay=0.9")), shapes_dir, tmp_path / "cut", resume="latest", progress=False)
     assert resumed.step == full.step == 12
     a, b = params(tmp_path / "full"), params(tmp_path / "cut")
@@ -79,7 +79,7 @@ def test_resume_matches_uninterrupted_run(shapes_dir, tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     # the loss log of the resumed run has no duplicate rows
-    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "train/clip/log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
 
 
@@ -109,12 +109,21 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(shapes_dir, tmp_pat
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step 7.*last good checkpoint: .*step-00000004"):
         train(NaNAt(cfg(), at=7), shapes_dir, out, progress=False)
-    ck = find_checkpoint(out, "latest")
+    ck = find_checkpoint(stage_dir(out, "clip"), "latest")
     assert ck.name == "step-00000004" and (ck / "model.safetensors").is_file()
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert not list((out / "train/clip/checkpoints").glob(".tmp-*"))
     # and the run resumes from it
     res = train(CLIPTask(cfg()), shapes_dir, out, resume="latest", progress=False)
     assert res.step == 12
+
+
+def test_stages_trained_into_one_directory_keep_their_logs_apart(shapes_dir, tmp_path):
+    out = tmp_path / "run"
+    train(CLIPTask(cfg()), shapes_dir, out, progress=False)
+    clip_log = (out / "train/clip/log.jsonl").read_text()
+    train(CLIPTask(cfg("max_steps=4")), shapes_dir, out / "other", init=out, progress=False)
+    assert (out / "train/clip/log.jsonl").read_text() == clip_log
+    assert sorted(p.name for p in (out / "train/clip/checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
 
 
 def test_nonfinite_skip_mode_skips_the_batch(shapes_dir, tmp_path):
@@ -162,7 +171,7 @@ class SamplingTask(CLIPTask):
 
 def test_sample_hook_runs_every_n_steps(shapes_dir, tmp_path):
     train(SamplingTask(cfg("sample_every=5")), shapes_dir, tmp_path / "run", progress=False)
-    names = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    names = sorted(p.name for p in (tmp_path / "run" / "train/clip/samples").glob("*.png"))
     assert names == ["step-00000005.png", "step-00000010.png", "step-00000012.png"]
 
 
@@ -231,7 +240,7 @@ def test_tensorboard_logging_when_installed(shapes_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     train(CLIPTask(cfg("tracker=tensorboard")), shapes_dir, tmp_path / "run", progress=False)
-    (events,) = (tmp_path / "run" / "logs" / "clip").glob("events.out.tfevents.*")  # scalars; hparams in a subfolder
+    (events,) = (tmp_path / "run" / "train/clip/tensorboard/clip").glob("events.out.tfevents.*")  # scalars; hparams in a subfolder
     acc = EventAccumulator(str(events))
     acc.Reload()
     assert {"loss", "lr", "samples_per_s"} <= set(acc.Tags()["scalars"])
