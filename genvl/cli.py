@@ -65,21 +65,134 @@ def _model_dir(path: str | None, purpose: str):
 
 
 # ----------------------------------------------------------------------------------------- sample
+def _check_sample_args(args) -> None:
+    """Cheap checks before any model loads."""
+    if args.variations is None and args.interpolate is None:
+        if args.prompt is None or not args.prompt.strip():
+            raise GenvlError("empty prompt: give a text description, e.g. genvl sample \"a red heart\"")
+    if args.guidance < 0 or args.prior_guidance < 0:
+        raise GenvlError("guidance scales must be >= 0 (1 = no guidance)")
+    if args.size is not None and args.size % 8:
+        raise GenvlError(f"--size must be a multiple of 8, got {args.size}")
+    if args.scheduler not in ("ddpm", "ddim", "dpm++"):
+        raise GenvlError(f"unknown scheduler {args.scheduler!r}; choose ddpm, ddim or dpm++")
+
+
+def _write_images(images, args, meta: dict, stem: str) -> list[Path]:
+    """PNG files with their settings in text chunks: one per image, or one grid with --grid."""
+    from genvl.sampling.io import make_grid, reserve_path, save_png
+
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img = images[0] if len(images) == 1 else make_grid(images)
+        return [save_png(img, out, {**meta, "num_images": len(images)})]
+    if args.grid and len(images) > 1:
+        return [save_png(make_grid(images), reserve_path(out, f"{stem}-grid"), {**meta, "num_images": len(images)})]
+    return [save_png(im, reserve_path(out, f"{stem}-{i}" if len(images) > 1 else stem), {**meta, "index": i})
+            for i, im in enumerate(images)]
+
+
+def _load_image_arg(path: str):
+    from genvl.data import load_rgb
+
+    if not Path(path).is_file():
+        raise GenvlError(f"image not found: {path}")
+    try:
+        return load_rgb(path)
+    except GenvlError as e:
+        raise GenvlError(f"{path}: cannot read image ({e})") from None
+
+
 def cmd_sample(args) -> int:
-    if not args.prompt.strip():
-        raise GenvlError("empty prompt: give a text description, e.g. genvl sample \"a red heart\"")
+    _check_sample_args(args)
     if args.model is None and not (DEMO_DIR / "genvl.json").is_file():
         print(
             "genvl sample: no text-to-image model yet. The built-in demo model arrives with the "
-            "text-to-image stages (prior and decoder); until then `genvl train clip` trains the CLIP "
-            "core that they build on. Nothing was written.",
+            "trained text-to-image stages; until then pass --model DIR (a model directory with "
+            "clip, prior and decoder, or a diffusers Kandinsky 2.2 / unCLIP directory). Nothing was written.",
             file=sys.stderr,
         )
         return 0
+    if args.method != "unclip":
+        raise GenvlError(f"--method {args.method} is not available in this version of genvl (available: unclip)")
+    device = _device(args.device)
+    model_path = Path(args.model) if args.model else DEMO_DIR
+
+    from genvl.sampling.external import detect_external
+
+    if args.model and detect_external(model_path):
+        return _sample_external(args, model_path, device)
+
+    from genvl.sampling import unclip
+    from genvl.sampling.io import slug, to_pil_images
+
     md = _model_dir(args.model, "sampling")
-    needed = {"unclip": ("prior", "decoder"), "ar": ("vqvae", "lm"), "interleaved": ("interleaved", "decoder")}[args.method]
-    md.require(*needed, purpose=f"--method {args.method}")
-    raise GenvlError(f"--method {args.method} sampling is not available in this version of genvl")
+    comps = unclip.UnclipComponents.from_model_dir(md, device=device)
+    dec_size = comps.decoder.config.image_size
+    sr_size = comps.sr.config.image_size if comps.sr is not None else None
+    superres = comps.sr is not None
+    if args.size is not None:
+        if args.size == dec_size:
+            superres = False
+        elif args.size != sr_size:
+            sizes = f"{dec_size} px" + (f" or {sr_size} px with super-resolution" if sr_size else "")
+            raise GenvlError(f"--size {args.size}: this model generates {sizes}")
+    common = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                  superres=superres, progress=not args.no_progress)
+    meta = {"model": str(model_path), "method": "unclip", "seed": args.seed, "steps": args.steps,
+            "guidance": args.guidance, "scheduler": args.scheduler}
+    if args.variations:
+        img = _load_image_arg(args.variations)
+        out = unclip.variations(comps, img, num_images=args.num_images, invert=args.invert, **common)
+        meta.update(variations_of=args.variations, invert=args.invert)
+        paths = _write_images(to_pil_images(out.images), args, meta, f"variation-{slug(Path(args.variations).stem)}")
+    elif args.interpolate:
+        a, b = (_load_image_arg(x) if Path(x).is_file() else x for x in args.interpolate)
+        out = unclip.interpolate(comps, a, b, frames=args.frames, prior_steps=args.prior_steps,
+                                 prior_guidance=args.prior_guidance, **common)
+        meta.update(interpolate=list(args.interpolate), frames=args.frames, prior_steps=args.prior_steps,
+                    prior_guidance=args.prior_guidance)
+        frames = to_pil_images(out.images)
+        from genvl.sampling.io import make_grid, reserve_path, save_png
+
+        target = Path(args.out)
+        stem = f"interpolate-{slug(args.interpolate[0], 20)}-{slug(args.interpolate[1], 20)}"
+        if target.suffix.lower() == ".gif":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            gif = target
+        else:
+            gif = reserve_path(target, stem, ".gif")
+        unclip.save_gif(frames, gif)
+        strip = save_png(make_grid(frames, ncols=len(frames)), reserve_path(gif.parent, gif.stem + "-strip"), meta)
+        paths = [gif, strip]
+    else:
+        out = unclip.text_to_image(comps, [args.prompt], num_images=args.num_images, prior_steps=args.prior_steps,
+                                   prior_guidance=args.prior_guidance, **common)
+        meta.update(prompt=args.prompt, prior_steps=args.prior_steps, prior_guidance=args.prior_guidance)
+        paths = _write_images(to_pil_images(out.images), args, meta, f"{slug(args.prompt)}-s{args.seed}")
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _sample_external(args, path: Path, device: str) -> int:
+    """A diffusers Kandinsky 2.2 or unCLIP (Karlo) directory, through diffusers."""
+    from genvl.sampling.external import ExternalPipeline
+    from genvl.sampling.io import slug
+
+    if args.variations or args.interpolate:
+        raise GenvlError("--variations and --interpolate need a genvl model directory")
+    pipe = ExternalPipeline.from_dir(path, device=device)
+    images = pipe.generate(args.prompt, num_images=args.num_images, steps=args.steps, prior_steps=args.prior_steps,
+                           guidance=args.guidance, prior_guidance=args.prior_guidance, seed=args.seed,
+                           size=args.size, progress=not args.no_progress)
+    meta = {"model": str(path), "method": f"external:{pipe.kind}", "prompt": args.prompt, "seed": args.seed,
+            "steps": args.steps, "prior_steps": args.prior_steps, "guidance": args.guidance,
+            "prior_guidance": args.prior_guidance}
+    for p in _write_images(images, args, meta, f"{slug(args.prompt)}-s{args.seed}"):
+        print(p)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -185,8 +298,12 @@ def cmd_classify(args) -> int:
 
 # --------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args) -> int:
+    if args.kind == "generation":
+        return _evaluate_generation(args)
     if args.kind != "retrieval":
-        raise GenvlError(f"evaluate {args.kind} is not available in this version of genvl (available: retrieval)")
+        raise GenvlError(f"evaluate {args.kind} is not available in this version of genvl (available: retrieval, generation)")
+    if args.data is None:
+        raise GenvlError("evaluate retrieval needs --data PATH (an image-text dataset)")
     from genvl.checkpoint import record_metrics
     from genvl.data import open_image_text
     from genvl.evaluation.embeddings import embed_pairs
@@ -219,6 +336,65 @@ def cmd_evaluate(args) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_record:
         record_metrics(md.path, "retrieval", metrics, {"data": str(args.data), "n": n})
+    return 0
+
+
+def _evaluate_generation(args) -> int:
+    from genvl.checkpoint import open_model_dir, record_metrics
+    from genvl.evaluation.generation import evaluate_generation
+    from genvl.sampling.io import make_grid, to_pil_images
+    from genvl.sampling.unclip import UnclipComponents
+
+    if not args.prompts:
+        raise GenvlError("evaluate generation needs --prompts FILE (one prompt per line)")
+    pfile = Path(args.prompts)
+    if not pfile.is_file():
+        raise GenvlError(f"prompts file not found: {pfile}")
+    prompts = list(dict.fromkeys(line.strip() for line in pfile.read_text().splitlines() if line.strip()))
+    if len(prompts) < 2:
+        raise GenvlError(f"{pfile}: need at least two distinct prompts, found {len(prompts)}")
+    md = _model_dir(args.model, "generation evaluation")
+    device = _device(args.device)
+    comps = UnclipComponents.from_model_dir(md, device=device)
+    judge = judge_tok = None
+    if args.clip:
+        jd = open_model_dir(args.clip)
+        jd.require("clip", purpose="--clip")
+        judge, judge_tok = jd.load("clip", device=device), jd.tokenizer()
+    reference = None
+    if args.data:
+        from genvl.data import open_image_text
+
+        reference = open_image_text(args.data, image_size=comps.decoder.config.image_size)
+        if args.limit:
+            import torch.utils.data as tud
+
+            reference = tud.Subset(reference, range(min(args.limit, len(reference))))
+    res = evaluate_generation(comps, prompts, judge=judge, judge_tokenizer=judge_tok, reference=reference,
+                              num_images=args.num_images, progress=not args.no_progress, steps=args.steps,
+                              prior_steps=args.prior_steps, guidance=args.guidance,
+                              prior_guidance=args.prior_guidance, seed=args.seed)
+    images = res.pop("images")
+    metrics = {k: res[k] for k in ("clip_score", "prompt_retrieval_accuracy", "fd_clip") if k in res}
+    print(f"generation on {len(prompts)} prompts x {args.num_images} images "
+          f"(judge: {args.clip or 'the model' + chr(39) + 's own CLIP'})")
+    print(f"{'metric':<28} {'value':>8}")
+    for k, v in metrics.items():
+        print(f"{k:<28} {v:8.2f}")
+    print(f"{'chance_prompt_retrieval':<28} {res['chance_prompt_retrieval']:8.2f}")
+    settings = {"steps": args.steps, "prior_steps": args.prior_steps, "guidance": args.guidance,
+                "prior_guidance": args.prior_guidance, "seed": args.seed, "num_images": args.num_images}
+    result = {"kind": "generation", "model": str(md.path), "judge": args.clip or "own", "reference": args.data,
+              **res, "prompts": prompts, "metrics": metrics, "settings": settings}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        grid = Path(args.json).with_suffix(".png")
+        make_grid(to_pil_images(images), ncols=args.num_images).save(grid)
+        print(f"samples: {grid}")
+    if not args.no_record:
+        record_metrics(md.path, "generation", metrics, {"data": args.data or "", "n": len(images),
+                                                         "prompts": len(prompts), "judge": args.clip or "own",
+                                                         "settings": settings})
     return 0
 
 
@@ -289,14 +465,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a prompt", formatter_class=_Formatter,
                        description="Generate images from a text prompt. Without --model the built-in demo model is used.")
-    s.add_argument("prompt", help="the text to draw")
-    s.add_argument("--model", help="model directory (default: the built-in demo)")
+    s.add_argument("prompt", nargs="?", help="the text to draw")
+    s.add_argument("--model", help="model directory, or a diffusers Kandinsky 2.2 / unCLIP directory "
+                   "(default: the built-in demo)")
     s.add_argument("--method", choices=["unclip", "ar", "interleaved"], default="unclip", help="generation method")
-    s.add_argument("--out", default="samples", help="output folder or PNG path")
+    s.add_argument("--out", default="samples", help="output folder, or a .png path (several images: a grid)")
+    s.add_argument("--num-images", type=_positive_int, default=4, help="images to generate")
+    s.add_argument("--grid", action="store_true", help="write several images as one grid PNG")
     s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same image")
     s.add_argument("--steps", type=_positive_int, default=50, help="decoder diffusion steps")
-    s.add_argument("--num-images", type=_positive_int, default=1, help="images to generate")
+    s.add_argument("--prior-steps", type=_positive_int, default=25, help="prior diffusion steps")
+    s.add_argument("--guidance", type=float, default=3.0, help="decoder classifier-free guidance (1 = none)")
+    s.add_argument("--prior-guidance", type=float, default=4.0, help="prior classifier-free guidance (1 = none)")
+    s.add_argument("--scheduler", default="ddim", help="ddpm, ddim or dpm++")
+    s.add_argument("--size", type=int, help="output size in pixels (default: the model's)")
+    s.add_argument("--variations", metavar="IMAGE", help="generate variations of this image instead of a prompt")
+    s.add_argument("--invert", action="store_true", help="variations start from the DDIM-inverted noise of the image")
+    s.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="interpolate between two prompts or images "
+                   "(written as a GIF and a strip)")
+    s.add_argument("--frames", type=_positive_int, default=8, help="frames for --interpolate")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 
     t = sub.add_parser("train", help="train one stage", formatter_class=_Formatter,
@@ -335,11 +524,22 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_classify)
 
     e = sub.add_parser("evaluate", help="measure a model", formatter_class=_Formatter,
-                       description="Evaluate a model directory. retrieval: image<->text R@1/5/10 on an image-text set;\n"
-                       "the figures are also stored in the model card unless --no-record.")
+                       description="Evaluate a model directory.\n"
+                       "  retrieval:  image<->text R@1/5/10 on an image-text set (--data)\n"
+                       "  generation: images for --prompts, scored by CLIP score, prompt-retrieval accuracy and\n"
+                       "              (with --data) the Frechet distance in CLIP space to real images\n"
+                       "The figures are also stored in the model card unless --no-record.")
     e.add_argument("kind", choices=["retrieval", "generation", "zero-shot", "reconstruction"])
     e.add_argument("--model", help="model directory (default: the built-in demo)")
-    e.add_argument("--data", required=True, help="image-text dataset")
+    e.add_argument("--data", help="image-text dataset (retrieval; reference images for generation's FD)")
+    e.add_argument("--prompts", help="generation: file with one prompt per line")
+    e.add_argument("--clip", help="generation: model directory of the CLIP that scores (default: the model's own)")
+    e.add_argument("--num-images", type=_positive_int, default=4, help="generation: images per prompt")
+    e.add_argument("--steps", type=_positive_int, default=50, help="generation: decoder steps")
+    e.add_argument("--prior-steps", type=_positive_int, default=25, help="generation: prior steps")
+    e.add_argument("--guidance", type=float, default=3.0, help="generation: decoder guidance")
+    e.add_argument("--prior-guidance", type=float, default=4.0, help="generation: prior guidance")
+    e.add_argument("--seed", type=int, default=0, help="generation: first seed (prompt i uses seed + i)")
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
     e.add_argument("--batch-size", type=_positive_int, default=64)

@@ -58,3 +58,71 @@ def prompt_retrieval_accuracy(image_embeds: torch.Tensor, prompt_embeds: torch.T
     # ties count against the image: it must beat every other prompt strictly
     others = sims.masked_fill(F.one_hot(prompt_index, sims.shape[1]).bool(), float("-inf"))
     return float(100 * (own.squeeze(1) > others.max(1).values).float().mean())
+
+
+@torch.no_grad()
+def evaluate_generation(
+    components,
+    prompts: list[str],
+    judge=None,
+    judge_tokenizer=None,
+    reference=None,
+    num_images: int = 4,
+    batch_size: int = 16,
+    progress: bool = False,
+    **sample_kwargs,
+) -> dict:
+    """Generate ``num_images`` per prompt and score them in a judge CLIP's space.
+
+    Args:
+        components: :class:`genvl.sampling.unclip.UnclipComponents` of the model under test.
+        prompts: distinct prompts.
+        judge / judge_tokenizer: the CLIP that scores (default: the model's own CLIP; a separately
+            trained one avoids scoring a model with the space it was trained towards).
+        reference: optional dataset of real images (items with ``pixel_values``) for the FD.
+        num_images: images per prompt.
+        sample_kwargs: passed to :func:`genvl.sampling.unclip.text_to_image` (steps, guidance, seed...).
+
+    Returns:
+        ``{"clip_score", "prompt_retrieval_accuracy", "fd_clip" (if reference), "num_images", "prompts"}``
+        and the generated images under ``"images"`` (N, 3, H, W).
+    """
+    from tqdm.auto import tqdm
+
+    from genvl.sampling.unclip import text_to_image
+    from genvl.tokenizers.text import encode_texts
+
+    judge = judge if judge is not None else components.clip
+    judge_tokenizer = judge_tokenizer if judge_tokenizer is not None else components.tokenizer
+    device = next(judge.parameters()).device
+    seed = int(sample_kwargs.pop("seed", 0) or 0)
+    images, owners = [], []
+    for i, prompt in enumerate(tqdm(prompts, desc="generating", disable=not progress)):
+        out = text_to_image(components, [prompt], num_images=num_images, seed=seed + i, **sample_kwargs)
+        images.append(out.images.cpu())
+        owners += [i] * num_images
+    images = torch.cat(images)  # (P*n, 3, H, W)
+    owner = torch.tensor(owners)
+    z_img = torch.cat([judge.encode_image(images[j:j + batch_size].to(device)).float().cpu()
+                       for j in range(0, len(images), batch_size)])
+    enc = encode_texts(judge_tokenizer, prompts)
+    z_txt = judge.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).embeds.float().cpu()
+    result = {
+        "clip_score": clip_score(z_img, z_txt[owner]),
+        "prompt_retrieval_accuracy": prompt_retrieval_accuracy(z_img, z_txt, owner),
+        "chance_prompt_retrieval": 100.0 / len(prompts),
+        "num_images": len(images),
+        "prompts": len(prompts),
+    }
+    if reference is not None:
+        from torch.utils.data import DataLoader
+
+        from genvl.data import collate_image_text
+
+        refs = []
+        for batch in DataLoader(reference, batch_size=batch_size * 4, collate_fn=collate_image_text):
+            refs.append(judge.encode_image(batch["pixel_values"].to(device)).float().cpu())
+        result["fd_clip"] = frechet_distance(z_img, torch.cat(refs))
+        result["reference_images"] = len(reference)
+    result["images"] = images
+    return result

@@ -1,0 +1,456 @@
+"""DALL-E 2 decoder: a pixel-space diffusion UNet conditioned on CLIP image embeddings, and the
+super-resolution UNet that follows it.
+
+:class:`Decoder` wraps diffusers' :class:`~diffusers.UNet2DConditionModel` and predicts the noise
+epsilon of a noisy image. As in DALL-E 2 (Ramesh et al. 2022, arXiv:2204.06125, sec. 2.1, after
+GLIDE), the CLIP image embedding ``z_image`` conditions the UNet twice:
+
+- projected into ``num_image_tokens`` extra context tokens that every cross-attention layer sees;
+- added to the timestep embedding (UNet2DConditionModel ``class_embed_type="projection"``: an MLP
+  from ``embed_dim`` to the time-embedding width, summed with the timestep embedding).
+
+Both UNets return epsilon, as the samplers and the training losses expect, but inside them the
+diffusers UNet predicts ``v = sqrt(a) eps - sqrt(1 - a) x0`` (``parameterization="v"``; Salimans &
+Ho 2022, arXiv:2202.00512), converted with ``eps = sqrt(1 - a) x_t + sqrt(a) v`` (``a`` =
+alpha_bar_t). At the noisy steps, which decide colours and layout, epsilon is then nearly x_t for
+free instead of an identity the network must learn to within ~1e-3: a small decoder learns several
+times faster and avoids the colour casts of eps-prediction (Imagen Video, arXiv:2210.02303).
+``parameterization="epsilon"`` gives a plain epsilon-predicting UNet.
+
+Optionally (``text_width > 0``) the CLIP text tower's token states, projected to the
+cross-attention width, follow the image tokens in the context, with their padding masked out::
+
+    context = [image tokens (num_image_tokens) | text tokens (L)]      mask = [1 ... 1 | text_mask]
+
+Unconditional input (classifier-free guidance): ``image_embeds`` all zeros and ``text_mask`` all
+zeros. The image tokens are always unmasked (zeros project to the learned bias), so no attention
+row is ever fully masked. Omitting the text (``text_states=None``) is the same as masking all of it.
+
+:class:`SuperRes` wraps diffusers' :class:`~diffusers.UNet2DModel`: the noisy high-resolution image
+and the bicubic-upsampled low-resolution image are concatenated on channels (6 in). The low-res
+image is noise-augmented in training (Ho et al. 2021, "Cascaded Diffusion Models",
+arXiv:2106.15282, sec. 4.1); the augmentation timestep conditions the UNet through its class
+embedding (``class_embed_type="timestep"``: the same sinusoidal + MLP embedding as the timestep).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genvl.models.base import ConfigModule, register_component
+
+SCHEDULER_KINDS = ("ddpm", "ddim", "dpm++")
+
+
+def _make_scheduler(kind: str, num_train_timesteps: int, beta_schedule: str):
+    """A diffusers scheduler for epsilon prediction in pixel space ([-1, 1], predicted x0 clipped).
+
+    The same object adds noise in training (``add_noise``) and denoises at sampling (``step``).
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon")
+    if kind == "ddpm":
+        return DDPMScheduler(**common, clip_sample=True, clip_sample_range=1.0)
+    if kind == "ddim":
+        # "trailing" spacing starts few-step sampling at the last training timestep (pure noise).
+        return DDIMScheduler(**common, clip_sample=True, clip_sample_range=1.0, timestep_spacing="trailing")
+    if kind == "dpm++":
+        # DPM-Solver++ has no clip_sample; thresholding with sample_max_value 1 clamps x0 to [-1, 1].
+        return DPMSolverMultistepScheduler(
+            **common, algorithm_type="dpmsolver++", thresholding=True, sample_max_value=1.0
+        )
+    raise ValueError(f"unknown scheduler kind {kind!r}; kinds: {', '.join(SCHEDULER_KINDS)}")
+
+
+PARAMETERIZATIONS = ("v", "epsilon")
+
+
+def _alphas_cumprod(num_train_timesteps: int, beta_schedule: str) -> torch.Tensor:
+    """(T,) alpha_bar_t of the schedule, taken from diffusers so that it matches the schedulers."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule).alphas_cumprod.float()
+
+
+def _to_epsilon(out: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                parameterization: str) -> torch.Tensor:
+    """The UNet's output -> epsilon. For ``v``: eps = sqrt(1 - a) x_t + sqrt(a) v, a = alpha_bar_t."""
+    if parameterization == "epsilon":
+        return out
+    T = alphas_cumprod.shape[0]
+    idx = timesteps.to(alphas_cumprod.device).round().long().clamp(0, T - 1)  # (B,)
+    a = alphas_cumprod.float()[idx].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    eps = (1 - a).sqrt() * noisy.float() + a.sqrt() * out.float()
+    return eps.to(out.dtype)
+
+
+def _check_unet(name: str, image_size: int, channels: list[int], groups: int, parameterization: str) -> None:
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"{name} config: parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {parameterization!r}")
+    if image_size < 1:
+        raise ValueError(f"{name} config: image_size must be >= 1, got {image_size}")
+    if not channels or any(c < 1 for c in channels):
+        raise ValueError(f"{name} config: block_out_channels must be a non-empty list of positive ints")
+    down = 2 ** (len(channels) - 1)
+    if image_size % down:
+        raise ValueError(f"{name} config: image_size {image_size} is not divisible by {down} ({len(channels)} levels)")
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ValueError(f"{name} config: block_out_channels {channels} must be multiples of norm_num_groups {groups}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Decoder
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes of the decoder UNet and its noise schedule.
+
+    ``embed_dim`` (and ``text_width`` when text-conditioned) must match the CLIP core it conditions
+    on (``clip.config.embed_dim``, ``clip.config.text_width``). Levels = ``len(block_out_channels)``;
+    the top (full-resolution) level has plain ResNet blocks, every lower level cross-attention.
+    """
+
+    image_size: int = 64
+    embed_dim: int = 512  # CLIP embedding width D
+    text_width: int = 0  # CLIP text width W; 0 = no text-state conditioning
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 384, 512])
+    layers_per_block: int = 2
+    attention_head_dim: int = 64  # channels per attention head
+    cross_attention_dim: int = 512  # width of the context tokens
+    num_image_tokens: int = 4  # z_image is projected into this many extra context tokens
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    norm_num_groups: int = 32  # GroupNorm groups in the ResNet and attention blocks
+    parameterization: str = "v"  # what the inner UNet predicts: v | epsilon (forward returns epsilon)
+
+    @property
+    def down_block_types(self) -> list[str]:
+        n = len(self.block_out_channels)
+        return ["DownBlock2D" if (i == 0 and n > 1) else "CrossAttnDownBlock2D" for i in range(n)]
+
+    @property
+    def up_block_types(self) -> list[str]:
+        return [("UpBlock2D" if t == "DownBlock2D" else "CrossAttnUpBlock2D") for t in reversed(self.down_block_types)]
+
+
+DECODER_SIZES: dict[str, DecoderConfig] = {
+    # ~0.9M parameters: unit tests and CPU smoke runs, milliseconds per step at 32 px.
+    "tiny": DecoderConfig(
+        image_size=32, embed_dim=32, block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=32,
+        cross_attention_dim=64, norm_num_groups=8,
+    ),
+    # ~6.6M parameters: the built-in demo at 32 px (the emoji set), trainable on a 2-core CPU.
+    "small": DecoderConfig(
+        image_size=32, embed_dim=64, block_out_channels=[64, 128, 192], layers_per_block=1, attention_head_dim=32,
+        cross_attention_dim=192, norm_num_groups=16,
+    ),
+    # ~300M parameters: DALL-E 2-like 64 px decoder (smaller than its 3.5B one) on the base CLIP.
+    "base": DecoderConfig(
+        image_size=64, embed_dim=512, block_out_channels=[256, 512, 768, 1024], layers_per_block=2,
+        attention_head_dim=64, cross_attention_dim=768,
+    ),
+}
+
+
+def decoder_config(size: str = "tiny", **overrides) -> DecoderConfig:
+    """A named size from :data:`DECODER_SIZES` with field overrides (e.g. the CLIP's dimensions)."""
+    if size not in DECODER_SIZES:
+        raise ValueError(f"unknown decoder size {size!r}; known: {', '.join(DECODER_SIZES)}")
+    cfg = replace(DECODER_SIZES[size], **overrides)
+    cfg.block_out_channels = [int(c) for c in cfg.block_out_channels]
+    for name in ("embed_dim", "layers_per_block", "attention_head_dim", "cross_attention_dim", "num_image_tokens",
+                 "num_train_timesteps", "norm_num_groups"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"decoder config: {name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.text_width < 0:
+        raise ValueError(f"decoder config: text_width must be >= 0 (0 = no text), got {cfg.text_width}")
+    _check_unet("decoder", cfg.image_size, cfg.block_out_channels, cfg.norm_num_groups, cfg.parameterization)
+    bad = [c for c in cfg.block_out_channels if c % cfg.attention_head_dim]
+    if bad:
+        raise ValueError(
+            f"decoder config: block_out_channels {cfg.block_out_channels} must be multiples of "
+            f"attention_head_dim {cfg.attention_head_dim}"
+        )
+    return cfg
+
+
+@register_component
+class Decoder(ConfigModule):
+    """Epsilon-predicting pixel diffusion UNet conditioned on a CLIP image embedding (+ text states)."""
+
+    config_class = DecoderConfig
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__(config)
+        from diffusers import UNet2DConditionModel
+
+        c = config
+        if c.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"decoder parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {c.parameterization!r}")
+        K, C = c.num_image_tokens, c.cross_attention_dim
+        # z_image -> K context tokens of width C.
+        self.image_proj = nn.Linear(c.embed_dim, K * C)
+        # Text token states (B, L, W) -> (B, L, C); absent when the decoder ignores text.
+        self.text_proj = nn.Linear(c.text_width, C) if c.text_width > 0 else None
+        self.unet = UNet2DConditionModel(
+            sample_size=c.image_size,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=tuple(c.down_block_types),
+            up_block_types=tuple(c.up_block_types),
+            block_out_channels=tuple(c.block_out_channels),
+            layers_per_block=c.layers_per_block,
+            # UNet2DConditionModel reads ``attention_head_dim`` as the number of heads (diffusers
+            # issue 2011), so it gets heads per level: channels / channels-per-head.
+            attention_head_dim=tuple(ch // c.attention_head_dim for ch in c.block_out_channels),
+            cross_attention_dim=C,
+            norm_num_groups=c.norm_num_groups,
+            class_embed_type="projection",  # z_image (B, D) -> MLP -> added to the time embedding
+            projection_class_embeddings_input_dim=c.embed_dim,
+        )
+        # alpha_bar_t for the v -> epsilon conversion; derived from the config, so not saved.
+        self.register_buffer("alphas_cumprod", _alphas_cumprod(c.num_train_timesteps, c.beta_schedule), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_proj.weight.dtype
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        image_embeds: torch.Tensor,
+        text_states: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the noise of ``noisy``.
+
+        Args:
+            noisy: (B, 3, H, W) x_t in pixel space.
+            timesteps: (B,) long diffusion steps (a scalar is broadcast).
+            image_embeds: (B, D) CLIP image embedding (unit vectors; zeros = unconditional).
+            text_states: (B, L, W) CLIP text token states, only when ``text_width > 0``; None = no text.
+            text_mask: (B, L) 1 on real tokens (all zeros = unconditional); default all ones.
+
+        Returns:
+            (B, 3, H, W) the predicted epsilon.
+        """
+        c = self.config
+        B = noisy.shape[0]
+        S = c.image_size
+        if noisy.shape != (B, 3, S, S):
+            raise ValueError(f"decoder expects noisy images of shape ({B}, 3, {S}, {S}), got {tuple(noisy.shape)}")
+        if image_embeds.shape != (B, c.embed_dim):
+            raise ValueError(f"decoder expects image_embeds of shape ({B}, {c.embed_dim}), got {tuple(image_embeds.shape)}")
+        dtype = self.dtype
+        # CLIP embeddings are unit vectors (coordinates ~ 1/sqrt(D)); scale to unit RMS coordinates.
+        z = image_embeds.to(dtype) * math.sqrt(c.embed_dim)  # (B, D)
+        tokens = self.image_proj(z).view(B, c.num_image_tokens, c.cross_attention_dim)  # (B, K, C)
+        mask = torch.ones(B, c.num_image_tokens, dtype=dtype, device=noisy.device)  # (B, K)
+        if text_states is not None:
+            if self.text_proj is None:
+                raise ValueError("this decoder has text_width 0 and takes no text_states")
+            L = text_states.shape[1]
+            if text_states.shape != (B, L, c.text_width):
+                raise ValueError(
+                    f"decoder expects text_states of shape ({B}, L, {c.text_width}), got {tuple(text_states.shape)}"
+                )
+            if text_mask is None:
+                text_mask = torch.ones(B, L, device=noisy.device)
+            if text_mask.shape != (B, L):
+                raise ValueError(f"decoder expects text_mask of shape ({B}, {L}), got {tuple(text_mask.shape)}")
+            text_tokens = self.text_proj(text_states.to(dtype))  # (B, L, W) -> (B, L, C)
+            tokens = torch.cat([tokens, text_tokens], dim=1)  # (B, K + L, C)
+            mask = torch.cat([mask, text_mask.to(dtype)], dim=1)  # (B, K + L)
+        elif text_mask is not None:
+            raise ValueError("text_mask given without text_states")
+        if not torch.is_tensor(timesteps) or timesteps.ndim == 0:
+            timesteps = torch.as_tensor(timesteps, device=noisy.device).long().expand(B)  # (B,)
+        out = self.unet(
+            noisy.to(dtype),
+            timesteps,
+            encoder_hidden_states=tokens,
+            class_labels=z,  # added to the time embedding through the projection MLP
+            encoder_attention_mask=mask,
+        ).sample  # (B, 3, H, W) v or epsilon
+        return _to_epsilon(out, noisy, timesteps, self.alphas_cumprod, c.parameterization)  # (B, 3, H, W)
+
+    def make_scheduler(self, kind: str = "ddpm"):
+        """A diffusers scheduler for this decoder's noise schedule (epsilon prediction).
+
+        Args:
+            kind: "ddpm" | "ddim" | "dpm++" (DPM-Solver++ multistep).
+        """
+        return _make_scheduler(kind, self.config.num_train_timesteps, self.config.beta_schedule)
+
+
+# -------------------------------------------------------------------------------------------------
+# Super-resolution
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SuperResConfig:
+    """Sizes of the super-resolution UNet, its noise schedule and the low-res noise augmentation.
+
+    ``attention_levels``: how many of the lowest-resolution levels have self-attention
+    (0 = a pure convolutional UNet, as DALL-E 2's upsamplers).
+    """
+
+    image_size: int = 256
+    low_res_size: int = 64
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 128, 256, 256])
+    layers_per_block: int = 2
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    max_aug_level: int = 250  # low-res noise augmentation timesteps are drawn from [0, max_aug_level)
+    attention_levels: int = 0
+    attention_head_dim: int = 64
+    norm_num_groups: int = 32
+    parameterization: str = "v"  # what the inner UNet predicts: v | epsilon (forward returns epsilon)
+
+    @property
+    def down_block_types(self) -> list[str]:
+        n = len(self.block_out_channels)
+        return ["AttnDownBlock2D" if i >= n - self.attention_levels else "DownBlock2D" for i in range(n)]
+
+    @property
+    def up_block_types(self) -> list[str]:
+        return [t.replace("Down", "Up") for t in reversed(self.down_block_types)]
+
+
+SUPERRES_SIZES: dict[str, SuperResConfig] = {
+    # ~0.5M parameters: unit tests, 16 -> 32 px.
+    "tiny": SuperResConfig(
+        image_size=32, low_res_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+        max_aug_level=250,
+    ),
+    # ~3.5M parameters: the demo's 32 -> 64 px upsampler.
+    "small": SuperResConfig(
+        image_size=64, low_res_size=32, block_out_channels=[64, 96, 128], layers_per_block=1, norm_num_groups=16,
+    ),
+    # ~130M parameters: DALL-E 2-like 64 -> 256 px upsampler (convolutional).
+    "base": SuperResConfig(),
+}
+
+
+def superres_config(size: str = "tiny", **overrides) -> SuperResConfig:
+    """A named size from :data:`SUPERRES_SIZES` with field overrides."""
+    if size not in SUPERRES_SIZES:
+        raise ValueError(f"unknown super-resolution size {size!r}; known: {', '.join(SUPERRES_SIZES)}")
+    cfg = replace(SUPERRES_SIZES[size], **overrides)
+    cfg.block_out_channels = [int(c) for c in cfg.block_out_channels]
+    for name in ("low_res_size", "layers_per_block", "num_train_timesteps", "attention_head_dim", "norm_num_groups"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"super-resolution config: {name} must be >= 1, got {getattr(cfg, name)}")
+    _check_unet("super-resolution", cfg.image_size, cfg.block_out_channels, cfg.norm_num_groups, cfg.parameterization)
+    if cfg.low_res_size >= cfg.image_size:
+        raise ValueError(
+            f"super-resolution config: low_res_size {cfg.low_res_size} must be below image_size {cfg.image_size}"
+        )
+    if not 0 <= cfg.max_aug_level <= cfg.num_train_timesteps:
+        raise ValueError(
+            f"super-resolution config: max_aug_level must be in [0, {cfg.num_train_timesteps}], got {cfg.max_aug_level}"
+        )
+    if not 0 <= cfg.attention_levels <= len(cfg.block_out_channels):
+        raise ValueError(f"super-resolution config: attention_levels must be in [0, {len(cfg.block_out_channels)}]")
+    return cfg
+
+
+@register_component
+class SuperRes(ConfigModule):
+    """Epsilon-predicting super-resolution UNet conditioned on a (noise-augmented) low-res image."""
+
+    config_class = SuperResConfig
+
+    def __init__(self, config: SuperResConfig):
+        super().__init__(config)
+        from diffusers import UNet2DModel
+
+        c = config
+        if c.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"super-resolution parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {c.parameterization!r}"
+            )
+        self.unet = UNet2DModel(
+            sample_size=c.image_size,
+            in_channels=6,  # noisy high-res (3) + upsampled low-res (3)
+            out_channels=3,
+            down_block_types=tuple(c.down_block_types),
+            up_block_types=tuple(c.up_block_types),
+            block_out_channels=tuple(c.block_out_channels),
+            layers_per_block=c.layers_per_block,
+            attention_head_dim=c.attention_head_dim,
+            norm_num_groups=c.norm_num_groups,
+            add_attention=c.attention_levels > 0,  # the mid block's self-attention
+            class_embed_type="timestep",  # aug_level -> sinusoidal + MLP, added to the time embedding
+        )
+        self.register_buffer("alphas_cumprod", _alphas_cumprod(c.num_train_timesteps, c.beta_schedule), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) -> (B, 3, H, W) bicubic, the conditioning image the UNet sees."""
+        S = self.config.image_size
+        return F.interpolate(low_res, size=(S, S), mode="bicubic", align_corners=False)
+
+    def forward(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, low_res: torch.Tensor, aug_level: torch.Tensor
+    ) -> torch.Tensor:
+        """Predict the noise of ``noisy`` given the low-resolution image.
+
+        Args:
+            noisy: (B, 3, H, W) x_t of the high-resolution image.
+            timesteps: (B,) long diffusion steps (a scalar is broadcast).
+            low_res: (B, 3, h, w) the low-resolution image in [-1, 1], already noise-augmented to
+                ``aug_level`` (with the same schedule's ``add_noise``; level 0 = clean).
+            aug_level: (B,) long augmentation timesteps (a scalar is broadcast).
+
+        Returns:
+            (B, 3, H, W) the predicted epsilon.
+        """
+        c = self.config
+        B = noisy.shape[0]
+        S = c.image_size
+        if noisy.shape != (B, 3, S, S):
+            raise ValueError(f"super-resolution expects noisy images of shape ({B}, 3, {S}, {S}), got {tuple(noisy.shape)}")
+        if low_res.ndim != 4 or low_res.shape[:2] != (B, 3):
+            raise ValueError(f"super-resolution expects low_res of shape ({B}, 3, h, w), got {tuple(low_res.shape)}")
+        dtype = self.dtype
+        if not torch.is_tensor(timesteps) or timesteps.ndim == 0:
+            timesteps = torch.as_tensor(timesteps, device=noisy.device).long().expand(B)  # (B,)
+        if not torch.is_tensor(aug_level) or aug_level.ndim == 0:
+            aug_level = torch.as_tensor(aug_level, device=noisy.device).long().expand(B)  # (B,)
+        cond = self.upsample(low_res.to(dtype))  # (B, 3, H, W)
+        x = torch.cat([noisy.to(dtype), cond], dim=1)  # (B, 6, H, W)
+        out = self.unet(x, timesteps, class_labels=aug_level).sample  # (B, 3, H, W) v or epsilon
+        return _to_epsilon(out, noisy, timesteps, self.alphas_cumprod, c.parameterization)  # (B, 3, H, W)
+
+    def make_scheduler(self, kind: str = "ddpm"):
+        """A diffusers scheduler for this model's noise schedule (epsilon prediction).
+
+        Also the schedule of the low-res noise augmentation (``add_noise`` at ``aug_level``).
+
+        Args:
+            kind: "ddpm" | "ddim" | "dpm++" (DPM-Solver++ multistep).
+        """
+        return _make_scheduler(kind, self.config.num_train_timesteps, self.config.beta_schedule)

@@ -1,0 +1,139 @@
+"""`genvl sample` end to end on a tiny random model directory: files, metadata, seeds, modes, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genvl.checkpoint import save_model_dir
+from genvl.cli import main
+from genvl.models.clip import CLIP, clip_config
+from genvl.models.decoder import Decoder, SuperRes, decoder_config, superres_config
+from genvl.models.prior import DiffusionPrior, prior_config
+from genvl.sampling.io import read_png_metadata
+from genvl.tokenizers.text import train_text_tokenizer
+
+FAST = ["--steps", "3", "--prior-steps", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = train_text_tokenizer(["a red heart", "a cat face", "a slice of pizza"] * 5, vocab_size=300, model_max_length=8)
+    clip = CLIP(clip_config("tiny", text={"vocab_size": len(tok), "max_position_embeddings": 8, "pad_token_id": 0,
+                                          "bos_token_id": 2, "eos_token_id": 3}))
+    prior = DiffusionPrior(prior_config("tiny", embed_dim=32, text_width=32, text_len=8))
+    decoder = Decoder(decoder_config("tiny", image_size=16))
+    sr = SuperRes(superres_config("tiny"))
+    d = tmp_path_factory.mktemp("m") / "model"
+    save_model_dir(d, {"clip": clip, "prior": prior, "decoder": decoder, "sr": sr}, tokenizer=tok)
+    return d
+
+
+def _pixels(p):
+    return np.asarray(Image.open(p).convert("RGB"))
+
+
+def test_prompt_to_pngs_with_metadata_and_seeds(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["sample", "a red heart", "--model", str(model_dir), "--out", str(out), "--num-images", "2",
+                 "--seed", "7", *FAST]) == 0
+    paths = capsys.readouterr().out.split()
+    assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
+    im = Image.open(paths[0])
+    assert im.size == (32, 32)  # decoder 16 px -> super-resolution 32 px
+    meta = read_png_metadata(paths[0])
+    assert meta["prompt"] == "a red heart" and meta["seed"] == 7 and meta["steps"] == 3
+    assert meta["scheduler"] == "ddim" and meta["guidance"] == 3.0 and meta["model"] == str(model_dir)
+    # same seed -> same image, written beside the first ones without overwriting them
+    assert main(["sample", "a red heart", "--model", str(model_dir), "--out", str(out), "--num-images", "2",
+                 "--seed", "7", *FAST]) == 0
+    again = capsys.readouterr().out.split()
+    assert set(again).isdisjoint(paths) and len(list(out.glob("*.png"))) == 4
+    assert np.array_equal(_pixels(paths[0]), _pixels(again[0]))
+    assert main(["sample", "a red heart", "--model", str(model_dir), "--out", str(out), "--num-images", "1",
+                 "--seed", "8", *FAST]) == 0
+    other = capsys.readouterr().out.split()
+    assert not np.array_equal(_pixels(paths[0]), _pixels(other[0]))
+
+
+def test_grid_size_and_png_path(model_dir, tmp_path, capsys):
+    target = tmp_path / "g.png"
+    assert main(["sample", "a cat face", "--model", str(model_dir), "--out", str(target), "--num-images", "3",
+                 "--size", "16", *FAST]) == 0
+    assert capsys.readouterr().out.strip() == str(target)
+    w, h = Image.open(target).size
+    assert h == 16 + 4 and w == 3 * 16 + 4 * 2  # one row of three 16-px images, 2-px padding (no super-res)
+    assert read_png_metadata(target)["num_images"] == 3
+
+
+def test_variations_and_interpolation(model_dir, tmp_path, capsys):
+    src = tmp_path / "src.png"
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(src)
+    assert main(["sample", "--variations", str(src), "--model", str(model_dir), "--out", str(tmp_path / "v"),
+                 "--num-images", "2", *FAST]) == 0
+    assert len(capsys.readouterr().out.split()) == 2
+    assert main(["sample", "--interpolate", "a red heart", str(src), "--frames", "3", "--model", str(model_dir),
+                 "--out", str(tmp_path / "i"), *FAST]) == 0
+    gif, strip = capsys.readouterr().out.split()
+    with Image.open(gif) as g:
+        assert g.n_frames == 3
+    assert Image.open(strip).size[0] > Image.open(strip).size[1]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--size", "20"], "multiple of 8"),
+    (["--size", "64"], "this model generates 16 px or 32 px"),
+    (["--scheduler", "euler"], "unknown scheduler"),
+    (["--guidance", "-1"], "guidance"),
+])
+def test_bad_sampling_input_one_line(model_dir, tmp_path, capsys, extra, needle):
+    assert main(["sample", "a cat face", "--model", str(model_dir), "--out", str(tmp_path), *FAST, *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_incomplete_model_directory(model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "decoder" / "model.safetensors").unlink()
+    assert main(["sample", "a cat face", "--model", str(broken), *FAST]) == 2
+    assert "decoder" in capsys.readouterr().err
+    meta = json.loads((broken / "genvl.json").read_text())
+    del meta["components"]["prior"]
+    (broken / "genvl.json").write_text(json.dumps(meta))
+    (broken / "decoder" / "model.safetensors").write_bytes((model_dir / "decoder" / "model.safetensors").read_bytes())
+    assert main(["sample", "a cat face", "--model", str(broken), "--out", str(tmp_path), *FAST]) == 2
+    assert "prior" in capsys.readouterr().err
+
+
+def test_evaluate_generation_reports_and_records(model_dir, tmp_path, capsys):
+    import shutil
+
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from conftest import write_shapes_folder
+
+    m = tmp_path / "m"
+    shutil.copytree(model_dir, m)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red heart\na cat face\n\na red heart\na slice of pizza\n")
+    ref = write_shapes_folder(tmp_path / "ref", size=16)
+    js = tmp_path / "gen.json"
+    assert main(["evaluate", "generation", "--model", str(m), "--prompts", str(prompts), "--data", str(ref),
+                 "--num-images", "2", "--steps", "2", "--prior-steps", "2", "--json", str(js), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "clip_score" in out and "fd_clip" in out and "prompt_retrieval_accuracy" in out
+    res = json.loads(js.read_text())
+    assert res["prompts"] == ["a red heart", "a cat face", "a slice of pizza"] and res["num_images"] == 6
+    assert 0 <= res["metrics"]["clip_score"] <= 100 and res["metrics"]["fd_clip"] >= 0
+    assert js.with_suffix(".png").is_file()
+    assert "generation" in json.loads((m / "genvl.json").read_text())["metrics"]
+    one = tmp_path / "one.txt"
+    one.write_text("a cat\n")
+    assert main(["evaluate", "generation", "--model", str(m), "--prompts", str(one)]) == 2
+    assert "at least two distinct prompts" in capsys.readouterr().err
