@@ -1,0 +1,387 @@
+"""Training of the DALL-E 2 pixel decoder (on a frozen CLIP) and of the super-resolution stage.
+
+``genvl train decoder --data PATH --out DIR --init CLIP_MODEL_DIR``: ``--init`` is required and must
+hold a ``clip`` component (and its tokenizer). When it also holds a ``decoder``, training continues
+from that decoder (finetuning); otherwise a new one is built with the CLIP's dimensions at
+``data.image_size``. The loss is the epsilon MSE (Ho et al. 2020) on
+``x_t = add_noise(x_0, eps, t)``, t uniform over the training timesteps, conditioned on
+``z_image = clip.encode_image(x_0)``, each sample weighted by Min-SNR-gamma (``model.snr_gamma``,
+default 5; 0 = unweighted), see :func:`eps_loss`.
+
+Classifier-free guidance (Ho & Salimans 2022): for a fraction ``model.cond_drop`` (default 0.1,
+as DALL-E 2) of the samples, ``z_image`` is zeroed and, for a text-conditioned decoder
+(``model.text_conditioning: true``), the text is masked out: the unconditional input of
+:class:`~genvl.models.decoder.Decoder`. Which samples are dropped is a pure function of
+(seed, epoch, dataset index), so runs repeat and resume exactly. Captions dropped by the data layer
+(``data.caption_dropout``) mask only the text.
+
+``genvl train sr --data PATH --out DIR [--init DIR]``: the super-resolution UNet learns
+``data.image_size`` from ``low_res_size`` (area-downsampled), with the low-res image
+noise-augmented at a random level in [0, ``max_aug_level``) (Cascaded Diffusion Models,
+arXiv:2106.15282). It needs no CLIP; ``--init`` only carries the other components along.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from genvl.errors import ConfigError, ModelDirError
+from genvl.models.decoder import SUPERRES_SIZES, Decoder, SuperRes, decoder_config, superres_config
+from genvl.tokenizers.text import encode_texts
+from genvl.training.trainer import Task
+
+NUM_FIXED = 8  # training images shown in the sample grids
+SAMPLE_STEPS = 25  # DDIM steps of the sample grids
+SNR_GAMMA = 5.0  # Min-SNR loss weighting (the paper's recommended gamma); recipes set model.snr_gamma
+
+
+def cond_dropped(probability: float, seed: int, epoch: int, index: int) -> bool:
+    """Whether sample ``index`` is trained unconditionally in ``epoch`` (classifier-free guidance).
+
+    Independent of the data layer's caption dropout (another key), fresh every epoch.
+    """
+    if probability <= 0.0:
+        return False
+    if probability >= 1.0:
+        return True
+    return random.Random(f"decoder-cond:{seed}:{epoch}:{index}").random() < probability
+
+
+def eps_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler, snr_gamma: float) -> torch.Tensor:
+    """Epsilon MSE, per sample weighted by Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556).
+
+    For epsilon prediction the weight is ``min(SNR(t), gamma) / SNR(t)``: 1 at the noisy steps, less
+    at the nearly clean ones, whose tiny noise is hard to predict and matters little for samples.
+    It makes the noisy steps, which decide colours and layout, learn several times faster.
+    ``snr_gamma`` 0 gives the plain mean.
+
+    Args:
+        pred, noise: (B, 3, H, W) predicted and true noise.
+        t: (B,) long timesteps of the samples.
+        scheduler: the diffusers scheduler that noised them (its ``alphas_cumprod``).
+        snr_gamma: gamma, or 0 for no weighting.
+    """
+    per = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    if snr_gamma > 0:
+        ac = scheduler.alphas_cumprod.to(t.device)[t].float()  # (B,) alpha_bar_t, < 1
+        snr = ac / (1 - ac)
+        per = per * snr.clamp(max=snr_gamma) / snr
+    return per.mean()
+
+
+def _pop_snr_gamma(overrides: dict) -> float:
+    gamma = float(overrides.pop("snr_gamma", SNR_GAMMA))
+    if gamma < 0:
+        raise ConfigError(f"bad model config: snr_gamma must be >= 0 (0 = unweighted), got {gamma}")
+    return gamma
+
+
+def _fixed_items(dataset, n: int = NUM_FIXED) -> tuple[torch.Tensor, list[str]]:
+    """The first ``n`` images of ``dataset`` (B, 3, S, S) and their captions (without dropout)."""
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    captions = getattr(dataset, "captions", None)
+    texts = [captions[it["index"]] if captions is not None else it["text"] for it in items]
+    return torch.stack([it["pixel_values"] for it in items]), texts
+
+
+def _save_grid(rows: list[torch.Tensor], path: Path) -> Path:
+    """Write rows of (n, 3, H, W) images in [-1, 1] as one PNG grid, one row per tensor."""
+    from genvl.sampling.io import make_grid, to_pil_images
+
+    ncols = rows[0].shape[0]
+    images = [im for row in rows for im in to_pil_images(row)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    make_grid(images, ncols=ncols).save(tmp)
+    tmp.replace(path)
+    return path
+
+
+class DecoderTask(Task):
+    """Pixel diffusion decoder: predict the noise of a noised training image given its CLIP embedding.
+
+    ``model`` recipe keys: ``size`` (tiny | small | base), overrides of
+    :class:`~genvl.models.decoder.DecoderConfig` (``image_size`` comes from ``data.image_size``,
+    ``embed_dim`` / ``text_width`` from the CLIP), ``text_conditioning`` (bool, default false: also
+    condition on the CLIP text token states), ``cond_drop`` (default 0.1) and ``snr_gamma``
+    (Min-SNR loss weighting, default 5; 0 = plain epsilon MSE).
+    """
+
+    stage = "decoder"
+    component = "decoder"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.clip = None
+        self.scheduler = None
+        self.dataset = None
+        self.cond_drop = 0.1
+        self.snr_gamma = SNR_GAMMA
+        self.text = False
+        self.text_len = None
+        self.fixed_pixels = None  # (n, 3, S, S) first training images, for the sample grid
+        self.fixed_texts: list[str] = []
+
+    def build(self, dataset, init, tokenizer=None) -> Decoder:
+        if init is None:
+            raise ModelDirError("the decoder stage needs --init DIR: a model directory with a trained clip component")
+        init.require("clip", purpose="training the decoder (--init)")
+        clip = init.load("clip")
+        clip.requires_grad_(False)
+        self.clip = clip.eval()
+        self.tokenizer = tokenizer or init.tokenizer()
+        D, W_clip, S = clip.config.embed_dim, clip.config.text_width, self.cfg.data.image_size
+
+        overrides = dict(self.cfg.model)
+        size = overrides.pop("size", "tiny")
+        text_flag = overrides.pop("text_conditioning", None)
+        self.cond_drop = float(overrides.pop("cond_drop", 0.1))
+        self.snr_gamma = _pop_snr_gamma(overrides)
+        if not 0.0 <= self.cond_drop <= 1.0:
+            raise ConfigError(f"bad decoder model config: cond_drop must be in [0, 1], got {self.cond_drop}")
+
+        if init.has("decoder"):
+            model = init.load("decoder")
+            dc = model.config
+            if dc.embed_dim != D or (dc.text_width and dc.text_width != W_clip):
+                raise ModelDirError(
+                    f"{init.path}: its decoder expects CLIP embed_dim {dc.embed_dim} / text_width {dc.text_width}, "
+                    f"its clip has {D} / {W_clip}"
+                )
+            if dc.image_size != S:
+                raise ConfigError(f"data.image_size is {S} but the decoder in {init.path} works at {dc.image_size} px")
+            if text_flag is not None and bool(text_flag) != (dc.text_width > 0):
+                raise ConfigError(
+                    f"model.text_conditioning is {bool(text_flag)} but the decoder in {init.path} "
+                    f"{'is' if dc.text_width else 'is not'} text-conditioned"
+                )
+        else:
+            W = W_clip if text_flag else 0
+            for key, value in (("image_size", S), ("embed_dim", D), ("text_width", W)):
+                if key in overrides and overrides[key] != value:
+                    where = "data.image_size" if key == "image_size" else "the CLIP core / text_conditioning"
+                    raise ConfigError(f"bad decoder model config: model.{key} is fixed by {where} ({value})")
+                overrides.pop(key, None)
+            try:
+                dcfg = decoder_config(size, image_size=S, embed_dim=D, text_width=W, **overrides)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"bad decoder model config: {e}") from None
+            model = Decoder(dcfg)
+
+        self.text = model.config.text_width > 0
+        text_len = clip.config.max_text_len
+        tok_len = self.tokenizer.model_max_length
+        if tok_len <= 100_000:  # tokenizers saved without a limit report a huge sentinel
+            text_len = min(text_len, tok_len)
+        self.text_len = text_len
+        self.scheduler = model.make_scheduler("ddpm")
+        self.dataset = dataset
+        self.fixed_pixels, self.fixed_texts = _fixed_items(dataset)
+        return model.train()
+
+    def collate(self, items: list[dict]) -> dict[str, Any]:
+        # The dataset's epoch is current here: set before each epoch's loader (and its workers) starts.
+        epoch = getattr(self.dataset, "epoch", 0)
+        drop = [cond_dropped(self.cond_drop, self.cfg.seed, epoch, it["index"]) for it in items]
+        batch = {
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, S, S)
+            "drop": torch.tensor(drop, dtype=torch.bool),  # (B,) unconditional samples
+        }
+        if self.text:
+            texts = [it["text"] for it in items]
+            enc = encode_texts(self.tokenizer, texts, max_length=self.text_len)
+            batch["input_ids"] = enc["input_ids"]  # (B, L)
+            batch["attention_mask"] = enc["attention_mask"]  # (B, L)
+            # text masked out: the whole conditioning dropped, or the caption dropped by the data layer
+            batch["text_drop"] = torch.tensor([d or not t.strip() for d, t in zip(drop, texts)], dtype=torch.bool)
+        return batch
+
+    def to_device(self, device: torch.device) -> None:
+        self.clip.to(device)
+
+    def components(self, model):
+        return {"decoder": model}
+
+    def _condition(self, pixels: torch.Tensor, input_ids=None, attention_mask=None):
+        """CLIP conditioning of a batch: z_image (B, D), and text states (B, L, W) + mask (B, L) or None."""
+        z = self.clip.encode_image(pixels).float()  # (B, D) unit vectors
+        if not self.text:
+            return z, None, None
+        out = self.clip.encode_text(input_ids, attention_mask)
+        return z, out.token_states.float(), out.attention_mask
+
+    def loss(self, model, batch):
+        px = batch["pixel_values"]  # (B, 3, S, S) in [-1, 1]
+        B = px.shape[0]
+        with torch.no_grad():
+            z, states, mask = self._condition(px, batch.get("input_ids"), batch.get("attention_mask"))
+            z = z * (~batch["drop"]).to(z.dtype)[:, None]  # zeros = unconditional
+            if states is not None:
+                mask = mask * (~batch["text_drop"]).to(mask.dtype)[:, None]  # (B, L)
+        noise = torch.randn_like(px)  # (B, 3, S, S)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), device=px.device)
+        x_t = self.scheduler.add_noise(px, noise, t)
+        if states is None:
+            pred = model(x_t, t, z)
+        else:
+            pred = model(x_t, t, z, states, mask)
+        loss = eps_loss(pred, noise, t, self.scheduler, self.snr_gamma)
+        return loss, {"cond_frac": 1.0 - batch["drop"].float().mean().item()}
+
+    @torch.no_grad()
+    def reconstruct(self, decoder: Decoder, pixels: torch.Tensor, texts: list[str] | None = None,
+                    steps: int = SAMPLE_STEPS, seed: int = 0) -> torch.Tensor:
+        """Decode images from their CLIP embeddings with a short DDIM loop (no guidance).
+
+        Args:
+            decoder: the (unwrapped) decoder.
+            pixels: (n, 3, S, S) images in [-1, 1].
+            texts: their captions (used when the decoder is text-conditioned).
+            steps: DDIM steps.
+            seed: seed of the starting noise.
+
+        Returns:
+            (n, 3, S, S) reconstructions in [-1, 1].
+        """
+        device = decoder.device
+        pixels = pixels.to(device)
+        n, S = pixels.shape[0], decoder.config.image_size
+        ids = mask = None
+        if self.text:
+            enc = encode_texts(self.tokenizer, texts, max_length=self.text_len)
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        z, states, tmask = self._condition(pixels, ids, mask)
+        scheduler = decoder.make_scheduler("ddim")
+        scheduler.set_timesteps(steps)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, S, S, generator=g).to(device) * scheduler.init_noise_sigma  # x_T
+        for t in scheduler.timesteps:
+            tt = t.to(device).long().expand(n)  # (n,)
+            eps = decoder(x, tt, z) if states is None else decoder(x, tt, z, states, tmask)
+            x = scheduler.step(eps, t, x).prev_sample
+        return x.clamp(-1, 1)
+
+    def sample(self, model, path, step):
+        """Top row: fixed training images; bottom row: their reconstructions from CLIP embeddings."""
+        was_training = model.training
+        model.eval()
+        try:
+            recon = self.reconstruct(model, self.fixed_pixels, self.fixed_texts, seed=self.cfg.seed)
+        finally:
+            model.train(was_training)
+        return _save_grid([self.fixed_pixels, recon.cpu()], path)
+
+
+class SuperResTask(Task):
+    """Super-resolution: predict the noise of a noised high-res image given its low-res version.
+
+    ``model`` recipe keys: ``size`` (tiny | small | base) and overrides of
+    :class:`~genvl.models.decoder.SuperResConfig`. ``image_size`` comes from ``data.image_size``;
+    ``low_res_size`` defaults to it divided by the size's upscale factor (tiny / small 2x, base 4x).
+    ``snr_gamma``: Min-SNR loss weighting as in :class:`DecoderTask`.
+    """
+
+    stage = "sr"
+    component = "sr"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.scheduler = None
+        self.snr_gamma = SNR_GAMMA
+        self.fixed_pixels = None
+
+    def build(self, dataset, init, tokenizer=None) -> SuperRes:
+        S = self.cfg.data.image_size
+        if init is not None and (init.path / init.meta.get("tokenizer", "tokenizer")).is_dir():
+            self.tokenizer = tokenizer or init.tokenizer()  # kept so the released directory stays complete
+        overrides = dict(self.cfg.model)
+        size = overrides.pop("size", "tiny")
+        self.snr_gamma = _pop_snr_gamma(overrides)
+        if init is not None and init.has("sr"):
+            model = init.load("sr")
+            if model.config.image_size != S:
+                raise ConfigError(
+                    f"data.image_size is {S} but the super-resolution model in {init.path} "
+                    f"works at {model.config.image_size} px"
+                )
+        else:
+            if "image_size" in overrides and overrides.pop("image_size") != S:
+                raise ConfigError(f"bad super-resolution model config: model.image_size is fixed by data.image_size ({S})")
+            if size not in SUPERRES_SIZES:
+                raise ConfigError(f"bad super-resolution model config: unknown size {size!r}; known: {', '.join(SUPERRES_SIZES)}")
+            table = SUPERRES_SIZES[size]
+            overrides.setdefault("low_res_size", max(1, S * table.low_res_size // table.image_size))
+            try:
+                scfg = superres_config(size, image_size=S, **overrides)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"bad super-resolution model config: {e}") from None
+            model = SuperRes(scfg)
+        self.scheduler = model.make_scheduler("ddpm")
+        self.fixed_pixels, _ = _fixed_items(dataset)
+        return model.train()
+
+    def collate(self, items: list[dict]) -> dict[str, Any]:
+        return {"pixel_values": torch.stack([it["pixel_values"] for it in items])}  # (B, 3, S, S)
+
+    def components(self, model):
+        return {"sr": model}
+
+    def low_res(self, pixels: torch.Tensor, size: int) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 3, size, size) area-downsampled."""
+        return F.interpolate(pixels, size=(size, size), mode="area")
+
+    def loss(self, model, batch):
+        sr = getattr(model, "module", model)
+        c = sr.config
+        hi = batch["pixel_values"]  # (B, 3, S, S) in [-1, 1]
+        B = hi.shape[0]
+        lo = self.low_res(hi, c.low_res_size)  # (B, 3, s, s)
+        if c.max_aug_level > 0:
+            aug = torch.randint(0, c.max_aug_level, (B,), device=hi.device)
+            lo = self.scheduler.add_noise(lo, torch.randn_like(lo), aug)  # noise augmentation
+        else:
+            aug = torch.zeros(B, dtype=torch.long, device=hi.device)
+        noise = torch.randn_like(hi)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), device=hi.device)
+        x_t = self.scheduler.add_noise(hi, noise, t)
+        pred = model(x_t, t, lo, aug)
+        return eps_loss(pred, noise, t, self.scheduler, self.snr_gamma), {}
+
+    @torch.no_grad()
+    def upscale(self, sr: SuperRes, low_res: torch.Tensor, steps: int = SAMPLE_STEPS, seed: int = 0) -> torch.Tensor:
+        """Upscale clean low-res images (augmentation level 0) with a short DDIM loop.
+
+        Returns:
+            (n, 3, S, S) in [-1, 1].
+        """
+        device = sr.device
+        low_res = low_res.to(device)
+        n, S = low_res.shape[0], sr.config.image_size
+        aug = torch.zeros(n, dtype=torch.long, device=device)
+        scheduler = sr.make_scheduler("ddim")
+        scheduler.set_timesteps(steps)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, S, S, generator=g).to(device) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            eps = sr(x, t.to(device).long().expand(n), low_res, aug)
+            x = scheduler.step(eps, t, x).prev_sample
+        return x.clamp(-1, 1)
+
+    def sample(self, model, path, step):
+        """Rows: low-res input (nearest-upsampled), super-resolved, original."""
+        S, s = model.config.image_size, model.config.low_res_size
+        lo = self.low_res(self.fixed_pixels, s)
+        was_training = model.training
+        model.eval()
+        try:
+            up = self.upscale(model, lo, seed=self.cfg.seed).cpu()
+        finally:
+            model.train(was_training)
+        shown = F.interpolate(lo, size=(S, S), mode="nearest")
+        return _save_grid([shown, up, self.fixed_pixels], path)

@@ -1,0 +1,154 @@
+"""The decoder and super-resolution stages: frozen CLIP from --init, model directories, sample grids,
+and a tiny decoder that really reconstructs images from their CLIP embeddings."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import draw_shape
+from genvl.checkpoint import open_model_dir
+from genvl.config import apply_overrides
+from genvl.data import open_image_text
+from genvl.errors import ConfigError, ModelDirError
+from genvl.training import TrainConfig, train
+from genvl.training.tasks import get_task
+from genvl.training.tasks.clip import CLIPTask
+from genvl.training.tasks.decoder import DecoderTask, SuperResTask, cond_dropped, eps_loss
+
+FAST = ["batch_size=8", "max_steps=2", "warmup_steps=1", "log_every=1", "save_every=0", "tokenizer_vocab=300",
+        "text_len=8", "tracker=none"]
+
+
+def cfg(*extra):
+    return apply_overrides(TrainConfig(), FAST + list(extra))
+
+
+@pytest.fixture
+def clip_dir(shapes_dir, tmp_path):
+    """A (barely) trained tiny CLIP model directory: clip/ + tokenizer/."""
+    out = tmp_path / "clip_model"
+    train(CLIPTask(cfg()), shapes_dir, out, progress=False)
+    return out
+
+
+def _sample_pngs(out):
+    return sorted(out.rglob("samples/*.png"))
+
+
+def test_stage_registry_knows_decoder_and_sr():
+    assert isinstance(get_task("decoder", cfg()), DecoderTask)
+    assert isinstance(get_task("sr", cfg()), SuperResTask)
+
+
+def test_decoder_needs_a_clip(shapes_dir, tmp_path):
+    with pytest.raises(ModelDirError, match="--init"):
+        train(DecoderTask(cfg()), shapes_dir, tmp_path / "run", progress=False)
+
+
+def test_decoder_trains_into_model_directory(shapes_dir, clip_dir, tmp_path):
+    out = tmp_path / "run"
+    res = train(DecoderTask(cfg("max_steps=3")), shapes_dir, out, init=clip_dir, progress=False)
+    assert res.step == 3 and all("cond_frac" in r for r in res.history)
+    for f in ("decoder/config.json", "decoder/model.safetensors", "clip/config.json", "clip/model.safetensors",
+              "tokenizer/tokenizer.json", "genvl.json", "README.md"):
+        assert (out / f).is_file(), f
+    meta = json.loads((out / "genvl.json").read_text())
+    assert meta["components"] == {"clip": "genvl.models.clip.CLIP", "decoder": "genvl.models.decoder.Decoder"}
+    md = open_model_dir(out)
+    dec, clip = md.load("decoder"), md.load("clip")
+    assert dec.config.embed_dim == clip.config.embed_dim and dec.config.image_size == 32 and dec.config.text_width == 0
+    for k, v in open_model_dir(clip_dir).load("clip").state_dict().items():  # the CLIP stayed frozen
+        assert torch.equal(v, clip.state_dict()[k]), k
+    # sample grid: 8 training images over their 8 reconstructions
+    (png,) = _sample_pngs(out)
+    with Image.open(png) as im:
+        assert im.size == (8 * 32 + 9 * 2, 2 * 32 + 3 * 2)
+
+    # finetuning continues from the decoder of --init; a conflicting override is a one-line error
+    res2 = train(DecoderTask(cfg("max_steps=1")), shapes_dir, tmp_path / "ft", init=out, progress=False)
+    assert res2.step == 1 and (tmp_path / "ft" / "decoder" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="text_conditioning"):
+        train(DecoderTask(cfg("model.text_conditioning=true")), shapes_dir, tmp_path / "bad", init=out, progress=False)
+    with pytest.raises(ConfigError, match="embed_dim"):
+        train(DecoderTask(cfg("model.embed_dim=7")), shapes_dir, tmp_path / "bad2", init=clip_dir, progress=False)
+
+
+def test_text_conditioned_decoder_trains(shapes_dir, clip_dir, tmp_path):
+    out = tmp_path / "run"
+    c = cfg("model.text_conditioning=true", "model.cond_drop=0.5", "data.caption_dropout=0.3")
+    train(DecoderTask(c), shapes_dir, out, init=clip_dir, progress=False)
+    md = open_model_dir(out)
+    assert md.load("decoder").config.text_width == md.load("clip").config.text_width
+    assert len(_sample_pngs(out)) == 1  # reconstructions use the captions too
+
+
+def test_cond_drop_is_deterministic_and_fresh_each_epoch(shapes_dir, clip_dir):
+    assert abs(sum(cond_dropped(0.1, 0, 0, i) for i in range(5000)) / 5000 - 0.1) < 0.02
+    assert [cond_dropped(0.3, 0, 0, i) for i in range(64)] == [cond_dropped(0.3, 0, 0, i) for i in range(64)]
+    assert [cond_dropped(0.3, 0, 0, i) for i in range(64)] != [cond_dropped(0.3, 0, 1, i) for i in range(64)]
+    assert not cond_dropped(0.0, 0, 0, 1) and cond_dropped(1.0, 0, 0, 1)
+    task = DecoderTask(cfg("model.cond_drop=1.0", "model.text_conditioning=true"))
+    ds = open_image_text(shapes_dir, image_size=32)
+    task.build(ds, open_model_dir(clip_dir))
+    batch = task.collate([ds[i] for i in range(4)])
+    assert batch["drop"].all() and batch["text_drop"].all() and batch["input_ids"].shape[0] == 4
+    loss, extra = task.loss(task.build(ds, open_model_dir(clip_dir)), batch)
+    assert torch.isfinite(loss) and extra["cond_frac"] == 0.0
+
+
+def test_min_snr_weighting():
+    from diffusers import DDPMScheduler
+
+    s = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    pred, noise = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    t = torch.tensor([0, 999])
+    assert eps_loss(pred, noise, t, s, 0.0).item() == pytest.approx(1.0)
+    # nearly clean step down-weighted by gamma / SNR, the noisiest one kept at 1
+    assert eps_loss(pred, noise, t, s, 5.0).item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_superres_trains_and_keeps_other_components(shapes_dir, clip_dir, tmp_path):
+    out = tmp_path / "run"
+    res = train(SuperResTask(cfg("max_steps=2")), shapes_dir, out, init=clip_dir, progress=False)
+    assert res.step == 2
+    md = open_model_dir(out)
+    sr = md.load("sr")
+    assert (sr.config.image_size, sr.config.low_res_size) == (32, 16)
+    assert set(md.components) == {"clip", "sr"} and (out / "tokenizer" / "tokenizer.json").is_file()
+    (png,) = _sample_pngs(out)
+    with Image.open(png) as im:  # low-res / super-resolved / original rows
+        assert im.size == (8 * 32 + 9 * 2, 3 * 32 + 4 * 2)
+    # without --init, 64 px from 32 px (tiny's 2x)
+    c = cfg("max_steps=1", "data.image_size=64", "batch_size=4")
+    train(SuperResTask(c), shapes_dir, tmp_path / "alone", progress=False)
+    sr = open_model_dir(tmp_path / "alone").load("sr")
+    assert (sr.config.image_size, sr.config.low_res_size) == (64, 32)
+
+
+def test_tiny_decoder_reconstructs_images_from_clip_embeddings(tmp_path):
+    """Overfit on 4 images: DDIM samples from their CLIP embeddings must match the right image."""
+    root = tmp_path / "four"
+    root.mkdir()
+    rows = []
+    for color, shape in [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "cross")]:
+        for j in range(2):  # two copies: one batch of 8 holds every image twice
+            draw_shape(color, shape, 32).save(root / f"{color}_{shape}_{j}.png")
+            rows.append({"file_name": f"{color}_{shape}_{j}.png", "text": f"a {color} {shape}"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["data.image_size=16", "save_every=0", "warmup_steps=20", "lr=3e-3"]
+    # a CLIP trained briefly on them, so that their embeddings differ clearly
+    train(CLIPTask(cfg(*common, "max_steps=30")), root, tmp_path / "m", progress=False)
+    task = DecoderTask(cfg(*common, "max_steps=400", "log_every=50", "model.cond_drop=0.0"))
+    res = train(task, root, tmp_path / "m", init=tmp_path / "m", progress=False)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+
+    dec = open_model_dir(tmp_path / "m").load("decoder")
+    ds = open_image_text(root, image_size=16)
+    px = torch.stack([ds[i]["pixel_values"] for i in range(0, 8, 2)])  # (4, 3, 16, 16)
+    recon = task.reconstruct(dec, px, seed=0)  # 25 DDIM steps from z_image = clip.encode_image(px)
+    err = (recon[:, None] - px[None]).pow(2).mean(dim=(2, 3, 4))  # (4, 4) recon i vs original j
+    between = (px[:, None] - px[None]).pow(2).mean(dim=(2, 3, 4))[~torch.eye(4, dtype=torch.bool)].mean()
+    assert torch.equal(err.argmin(1), torch.arange(4)), err  # each sample is nearest to its own image
+    assert err.diag().mean() < 0.4 * between, (err.diag(), between)
