@@ -8,6 +8,17 @@ MODEL_DIR/
   README.md           the model card, generated from genvl.json
 ```
 
+A component folder is one of three kinds:
+
+- full: ``config.json`` + ``model.safetensors``;
+- LoRA adapter: ``lora.json`` (naming its base component folder) + ``lora.safetensors``, merged into
+  the base on load (see :mod:`genvl.models.lora`);
+- reference: ``ref.json`` naming another directory's component folder, used as it is (a LoRA
+  finetune refers to the components it did not change instead of copying them).
+
+A base is named by absolute path, or as ``builtin:demo/NAME`` for the model shipped in
+``genvl/assets/demo`` (so finetunes of the demo survive reinstalling genvl elsewhere).
+
 Weights are safetensors only; component classes come from a fixed registry, never from an
 import path found in a file. Training state for ``--resume`` lives apart, in
 ``checkpoints/step-N/`` (see :mod:`genvl.training.trainer`).
@@ -28,6 +39,10 @@ from genvl.errors import ModelDirError
 from genvl.models.base import COMPONENT_CLASSES, CONFIG_NAME, WEIGHTS_NAME, ConfigModule, class_path
 
 META_NAME = "genvl.json"
+REF_NAME = "ref.json"
+MAX_REF_DEPTH = 8
+# Model directories shipped inside the package, by the name that --model / --init accept.
+BUILTIN = {"demo": Path(__file__).parent / "assets" / "demo"}
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "genvl-model"
 
@@ -44,6 +59,120 @@ def _import_components() -> None:
                 raise
 
 
+def resolve_model_path(path: str | Path) -> Path:
+    """``demo`` (when no such local folder exists) or ``builtin:demo`` -> the shipped demo model."""
+    text = str(path)
+    if text.startswith("builtin:"):
+        name = text[len("builtin:"):].strip("/")
+        if name not in BUILTIN:
+            raise ModelDirError(f"unknown built-in model {name!r} (built-in: {', '.join(BUILTIN)})")
+        return BUILTIN[name]
+    p = Path(path)
+    if not p.exists() and text in BUILTIN:
+        return BUILTIN[text]
+    return p
+
+
+def component_ref(folder: str | Path) -> str:
+    """How a model directory names another directory's component folder (see the module doc)."""
+    folder = Path(folder).resolve()
+    for name, root in BUILTIN.items():
+        try:
+            return f"builtin:{name}/{folder.relative_to(root.resolve()).as_posix()}"
+        except ValueError:
+            pass
+    return str(folder)
+
+
+def _resolve_ref(ref: str, where: Path) -> Path:
+    if ref.startswith("builtin:"):
+        name, _, rest = ref[len("builtin:"):].partition("/")
+        if name not in BUILTIN:
+            raise ModelDirError(f"{where}: refers to unknown built-in model {name!r}")
+        return BUILTIN[name] / rest
+    return Path(ref)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("base"), str):
+        raise ModelDirError(f"{path}: no 'base' field naming the component it refers to")
+    return data
+
+
+def _base_of(folder: Path) -> tuple[str, Path | None]:
+    """(kind, base folder) of a component folder: full | lora | ref; base is None for full."""
+    if (folder / REF_NAME).is_file():
+        kind, meta_path = "ref", folder / REF_NAME
+    elif (folder / "lora.json").is_file():
+        kind, meta_path = "lora", folder / "lora.json"
+    else:
+        return "full", None
+    ref = _read_json(meta_path)["base"]
+    base = _resolve_ref(ref, meta_path)
+    if not base.is_dir():
+        raise ModelDirError(
+            f"{folder}: its base component {ref} is not there (the model it was finetuned from moved or was deleted)"
+        )
+    return kind, base
+
+
+def check_component(folder: str | Path, depth: int = 0) -> None:
+    """Raise ModelDirError unless ``folder`` (and any base it names) holds every file it needs."""
+    folder = Path(folder)
+    if depth > MAX_REF_DEPTH:
+        raise ModelDirError(f"{folder}: too many nested references (a cycle?)")
+    kind, base = _base_of(folder)
+    if kind == "full":
+        for f in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / f).is_file():
+                raise ModelDirError(f"{folder}: missing {f} (incomplete model directory)")
+        return
+    if kind == "lora" and not (folder / "lora.safetensors").is_file():
+        raise ModelDirError(f"{folder}: missing lora.safetensors (incomplete model directory)")
+    check_component(base, depth + 1)
+
+
+def load_component(folder: str | Path, cls: type[ConfigModule], device: str | None = None, depth: int = 0) -> ConfigModule:
+    """Load a component folder of any kind (full, LoRA adapter, reference) in eval mode."""
+    folder = Path(folder)
+    if depth > MAX_REF_DEPTH:
+        raise ModelDirError(f"{folder}: too many nested references (a cycle?)")
+    kind, base = _base_of(folder)
+    if kind == "full":
+        return cls.from_pretrained(folder, device=device)
+    model = load_component(base, cls, depth=depth + 1)
+    if kind == "lora":
+        from genvl.models.lora import apply_adapter
+
+        model = apply_adapter(model, folder)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def follow_refs(folder: str | Path) -> Path:
+    """The folder a chain of references ends at (``folder`` itself when it is not a reference)."""
+    folder = Path(folder)
+    for _ in range(MAX_REF_DEPTH + 1):
+        kind, base = _base_of(folder)
+        if kind != "ref":
+            return folder
+        folder = base
+    raise ModelDirError(f"{folder}: too many nested references (a cycle?)")
+
+
+def write_ref(folder: str | Path, base_folder: str | Path) -> None:
+    """Make ``folder`` a reference to ``base_folder`` (another directory's component)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ref = component_ref(follow_refs(base_folder))
+    (folder / REF_NAME).write_text(json.dumps({"base": ref}, indent=2) + "\n")
+
+
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written ``tmp`` folder to ``final``, replacing any old one."""
     old = None
@@ -55,16 +184,30 @@ def _atomic_replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_component(module: ConfigModule, directory: str | Path, state_dict=None) -> None:
-    """Write one component folder atomically (a temp folder renamed into place)."""
+def _atomic_write_dir(directory: Path, write) -> None:
+    """Call ``write(tmp)`` on a temp folder beside ``directory``, then rename it into place."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        module.save_pretrained(tmp, state_dict=state_dict)
+        write(tmp)
         _atomic_replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_component(module: ConfigModule, directory: str | Path, state_dict=None) -> None:
+    """Write one component folder atomically (a temp folder renamed into place)."""
+    _atomic_write_dir(Path(directory), lambda tmp: module.save_pretrained(tmp, state_dict=state_dict))
+
+
+def save_adapter_component(module, directory: str | Path, base: str | Path, rank: int, alpha: float | None = None,
+                           targets: list[str] | None = None, state_dict=None) -> None:
+    """Write a LoRA adapter folder (only the adapter weights) referring to the ``base`` component folder."""
+    from genvl.models.lora import save_adapter
+
+    _atomic_write_dir(Path(directory), lambda tmp: save_adapter(
+        tmp, module, component_ref(base), rank, alpha, targets, state_dict=state_dict))
 
 
 def save_tokenizer(tokenizer, directory: str | Path) -> None:
@@ -138,10 +281,12 @@ class ModelDir:
         if cls is None:
             raise ModelDirError(f"{self.path / META_NAME}: unknown component class {cls_name!r} for {name!r}")
         folder = self.path / name
-        for f in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / f).is_file():
-                raise ModelDirError(f"{folder}: missing {f} (incomplete model directory)")
-        return cls.from_pretrained(folder, device=device)
+        check_component(folder)
+        return load_component(folder, cls, device=device)
+
+    def component_kind(self, name: str) -> str:
+        """full | lora | ref: how component ``name`` is stored."""
+        return _base_of(self.path / name)[0]
 
     def tokenizer(self):
         from genvl.tokenizers.text import load_text_tokenizer
@@ -158,14 +303,14 @@ class ModelDir:
 
 
 def open_model_dir(path: str | Path) -> ModelDir:
-    """Open and validate a model directory (files present; weights are read on ``load``)."""
-    path = Path(path)
+    """Open and validate a model directory (files present; weights are read on ``load``).
+
+    ``path`` may also be ``demo`` / ``builtin:demo``: the model shipped with genvl.
+    """
+    path = resolve_model_path(path)
     meta = read_meta(path)
     for name in meta["components"]:
-        folder = path / name
-        for f in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / f).is_file():
-                raise ModelDirError(f"{folder}: missing {f} (incomplete model directory)")
+        check_component(path / name)
     return ModelDir(path=path, meta=meta)
 
 
@@ -175,6 +320,8 @@ def save_model_dir(
     tokenizer=None,
     state_dicts: dict[str, dict] | None = None,
     training: dict[str, Any] | None = None,
+    adapters: dict[str, dict] | None = None,
+    refs: dict[str, tuple[str, Path]] | None = None,
 ) -> ModelDir:
     """Write (or update) a model directory.
 
@@ -187,6 +334,9 @@ def save_model_dir(
         tokenizer: a HuggingFace tokenizer saved under ``tokenizer/`` when given.
         state_dicts: optional name -> state dict to save instead of the module's own (EMA weights).
         training: name -> the record of how that component was trained (for the model card).
+        adapters: name -> LoRA settings (``base`` folder, ``rank``, ``alpha``, ``targets``): save that
+            component as an adapter folder holding only its LoRA weights.
+        refs: name -> (class path, base component folder): write reference folders.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -196,8 +346,14 @@ def save_model_dir(
     }
     for name, module in components.items():
         sd = (state_dicts or {}).get(name)
-        save_component(module, path / name, state_dict=sd)
+        if adapters and name in adapters:
+            save_adapter_component(module, path / name, state_dict=sd, **adapters[name])
+        else:
+            save_component(module, path / name, state_dict=sd)
         meta["components"][name] = class_path(module)
+    for name, (cls_name, base_folder) in (refs or {}).items():
+        _atomic_write_dir(path / name, lambda tmp, b=base_folder: write_ref(tmp, b))
+        meta["components"][name] = cls_name
     if tokenizer is not None:
         save_tokenizer(tokenizer, path / TOKENIZER_DIR)
     for name, record in (training or {}).items():
@@ -227,6 +383,8 @@ def write_model_card(path: str | Path, meta: dict) -> None:
     """Generate README.md (the model card) from ``genvl.json``."""
     path = Path(path)
     lines = [f"# genvl model: {path.name}", ""]
+    if meta.get("description"):
+        lines += [meta["description"].rstrip(), ""]
     lines += ["Components:", ""]
     lines += [f"- `{name}/` ({cls})" for name, cls in meta["components"].items()]
     lines += [f"- `{meta.get('tokenizer', TOKENIZER_DIR)}/` (text tokenizer)", ""]
@@ -247,12 +405,19 @@ def write_model_card(path: str | Path, meta: dict) -> None:
             lines += [f"### {kind}", ""]
             if rec.get("data"):
                 lines += [f"Data: `{rec['data']}`" + (f" ({rec['n']} pairs)" if "n" in rec else ""), ""]
+            extra = {k: v for k, v in rec.items() if k not in ("values", "data", "n")}
+            if extra:
+                lines += [f"- {k}: {_fmt(v) if not isinstance(v, dict) else json.dumps(v)}" for k, v in extra.items()]
+                lines.append("")
             lines += ["| metric | value |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in rec.get("values", {}).items()]
             lines.append("")
     usage = "genvl classify --method clip --model {p} --classes \"a cat,a dog\" IMAGE.png".format(p=path)
     if "clip" in meta["components"]:
-        lines += ["## Use", "", "```", usage, f"genvl evaluate retrieval --model {path} --data IMAGE_FOLDER", "```", ""]
+        use = [usage, f"genvl evaluate retrieval --model {path} --data IMAGE_FOLDER"]
+        if "decoder" in meta["components"]:
+            use.insert(0, f'genvl sample "a red heart" --model {path} --num-images 4 --seed 0')
+        lines += ["## Use", "", "```", *use, "```", ""]
     tmp = path / f".README.md.tmp-{os.getpid()}"
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path / "README.md")

@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="recipe YAML (default: the built-in tiny recipe)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     t.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
-    t.add_argument("--init", help="model directory to start from (finetuning)")
+    t.add_argument("--init", help="model directory to start from (finetuning); 'demo' is the built-in demo model")
     t.add_argument("--overwrite", action="store_true", help="replace a trained component already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

@@ -44,6 +44,9 @@ class TrainConfig:
     tracker: str = "auto"  # auto (tensorboard if installed) | tensorboard | none
     tokenizer_vocab: int = 4096  # BPE size when a tokenizer is trained for this run
     text_len: int = 32  # tokens per caption for a newly trained tokenizer
+    lora_rank: int = 0  # > 0: finetune the --init component with LoRA adapters of this rank (peft)
+    lora_alpha: float = 0.0  # LoRA scale numerator; 0 = lora_rank (scale 1)
+    lora_targets: list = field(default_factory=list)  # module-name suffixes; empty = attention + feed-forward
 
     def validate(self) -> None:
         from genvl.errors import ConfigError
@@ -62,6 +65,8 @@ class TrainConfig:
             (self.data.image_size >= 8, "data.image_size must be >= 8"),
             (self.save_every >= 0 and self.log_every >= 1, "save_every must be >= 0 and log_every >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must be >= 0"),
+            (all(isinstance(t, str) for t in self.lora_targets), "lora_targets must be a list of module names"),
         ]
         for ok, msg in checks:
             if not ok:

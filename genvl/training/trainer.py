@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from genvl.checkpoint import ModelDir, open_model_dir, save_model_dir
+from genvl.checkpoint import ModelDir, follow_refs, open_model_dir, save_model_dir
 from genvl.config import save_config, to_dict
 from genvl.errors import TrainingError
 from genvl.training.config import TrainConfig
@@ -267,6 +267,15 @@ def train(
 
         resume_tok = load_text_tokenizer(ckpt / "tokenizer")
     model = task.build(dataset, init_dir, tokenizer=resume_tok)
+    if cfg.lora_rank > 0:
+        _check_lora(task, init_dir, out_dir)
+        from genvl.models.lora import add_lora
+
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_targets or None)
+        if main:
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            n_all = sum(p.numel() for p in model.parameters())
+            print(f"genvl: LoRA rank {cfg.lora_rank} on the {task.component}: training {n_train:,} of {n_all:,} parameters")
 
     world = accelerator.num_processes
     if len(dataset) < cfg.batch_size * world:
@@ -493,16 +502,23 @@ def _release(task, model, state_dicts, out_dir, init_dir, cfg, state, dataset, d
     import yaml
 
     comps = task.components(model)
-    # Finetuning keeps the other components of the model it started from.
+    lora = cfg.lora_rank > 0
+    refs = {}
+    # Finetuning keeps the other components of the model it started from: copies, or with LoRA
+    # references, so that the finetuned directory holds little besides the adapter weights.
     if init_dir is not None:
         for name in init_dir.components:
-            if name not in comps and not (out_dir / name).exists():
+            if name in comps or (out_dir / name).exists():
+                continue
+            if lora:
+                refs[name] = (init_dir.components[name], init_dir.path / name)
+            else:
                 shutil.copytree(init_dir.path / name, out_dir / name)
         from genvl.checkpoint import read_meta, write_meta
 
         if not (out_dir / "genvl.json").exists():
             meta = read_meta(init_dir.path)
-            meta["components"] = {k: v for k, v in meta["components"].items() if (out_dir / k).exists()}
+            meta["components"] = {k: v for k, v in meta["components"].items() if (out_dir / k).exists() or k in refs}
             meta["metrics"] = {}
             write_meta(out_dir, meta)
     record = {
@@ -513,4 +529,24 @@ def _release(task, model, state_dicts, out_dir, init_dir, cfg, state, dataset, d
     }
     if init_dir is not None:
         record["init"] = str(init_dir.path)
-    save_model_dir(out_dir, comps, tokenizer=task.tokenizer, state_dicts=state_dicts, training={task.component: record})
+    adapters = None
+    if lora:
+        record["lora"] = f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank}"
+        adapters = {name: {"base": follow_refs(init_dir.path / name), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha or None,
+                           "targets": cfg.lora_targets or None} for name in comps}
+    save_model_dir(out_dir, comps, tokenizer=task.tokenizer, state_dicts=state_dicts, training={task.component: record},
+                   adapters=adapters, refs=refs)
+
+
+def _check_lora(task, init_dir, out_dir: Path) -> None:
+    """LoRA finetunes a component of ``--init`` into a new directory that refers to it."""
+    if init_dir is None or not init_dir.has(task.component):
+        raise TrainingError(
+            f"lora_rank > 0 finetunes an existing {task.component} with LoRA: give --init DIR holding one "
+            "(e.g. --init demo)"
+        )
+    base = follow_refs(init_dir.path / task.component).resolve()
+    if base.is_relative_to(out_dir.resolve()):
+        raise TrainingError(
+            f"the LoRA adapter would refer to {base}, which this run overwrites: choose another --out"
+        )

@@ -88,11 +88,28 @@ def test_variations_and_interpolation(model_dir, tmp_path, capsys):
     (["--size", "64"], "this model generates 16 px or 32 px"),
     (["--scheduler", "euler"], "unknown scheduler"),
     (["--guidance", "-1"], "guidance"),
+    (["--prior-guidance", "-0.5"], "guidance"),
+    (["--steps", "0"], "steps"),
+    (["--prior-steps", "-2"], "steps"),
 ])
 def test_bad_sampling_input_one_line(model_dir, tmp_path, capsys, extra, needle):
-    assert main(["sample", "a cat face", "--model", str(model_dir), "--out", str(tmp_path), *FAST, *extra]) == 2
+    try:  # argparse-level errors exit through SystemExit, checked values return 2
+        code = main(["sample", "a cat face", "--model", str(model_dir), "--out", str(tmp_path), *FAST, *extra])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_prompt_and_missing_model_one_line(model_dir, tmp_path, capsys):
+    assert main(["sample", "   ", "--model", str(model_dir), "--out", str(tmp_path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "prompt" in err and len(err.strip().splitlines()) == 1
+    assert main(["sample", "a cat face", "--model", str(tmp_path / "nope"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_incomplete_model_directory(model_dir, tmp_path, capsys):

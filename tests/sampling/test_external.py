@@ -377,3 +377,29 @@ def test_missing_component_and_weights(tmp_path, kandinsky_dirs):
     (pair / "prior" / "scheduler" / "scheduler_config.json").unlink()
     with pytest.raises(ModelDirError, match="scheduler_config.json"):
         ExternalPipeline.from_dir(pair)
+
+
+# ---------------------------------------------------------------------------- through the CLI
+@pytest.mark.parametrize("which", ["karlo", "kandinsky"])
+def test_genvl_sample_cli_on_external_dirs(which, unclip_dir, kandinsky_dirs, tmp_path, capsys):
+    from PIL import Image
+
+    from genvl.cli import main
+    from genvl.sampling.io import read_png_metadata
+
+    model = unclip_dir if which == "karlo" else kandinsky_dirs["pair"]
+    args = ["sample", "a red cat", "--model", str(model), "--out", str(tmp_path), "--num-images", "2",
+            "--steps", "2", "--prior-steps", "2", "--seed", "3", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    paths = [Path(line) for line in capsys.readouterr().out.split() if line.endswith(".png")]
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    meta = read_png_metadata(paths[0])
+    assert meta["prompt"] == "a red cat" and meta["seed"] == 3 and meta["model"] == str(model)
+    assert meta["method"] == ("external:unclip" if which == "karlo" else "external:kandinsky22")
+    first = np.asarray(Image.open(paths[0]))
+    assert main(args) == 0  # same seed, same image (written beside, never over, the first)
+    again = [Path(line) for line in capsys.readouterr().out.split() if line.endswith(".png")]
+    assert again[0] != paths[0]
+    np.testing.assert_array_equal(first, np.asarray(Image.open(again[0])))
+    assert main(["sample", "a red cat", "--model", str(model), "--variations", str(paths[0]), "--no-progress"]) == 2
+    assert "genvl model directory" in capsys.readouterr().err
