@@ -51,7 +51,8 @@ def _import_components() -> None:
     # Registers the component classes a directory may name (modules that are not there yet are skipped).
     import importlib
 
-    for module in ("genvl.models.clip", "genvl.models.prior", "genvl.models.decoder"):
+    for module in ("genvl.models.clip", "genvl.models.prior", "genvl.models.decoder", "genvl.tokenizers.vqvae",
+                   "genvl.models.lm"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

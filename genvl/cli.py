@@ -70,12 +70,24 @@ def _check_sample_args(args) -> None:
     if args.variations is None and args.interpolate is None:
         if args.prompt is None or not args.prompt.strip():
             raise GenvlError("empty prompt: give a text description, e.g. genvl sample \"a red heart\"")
-    if args.guidance < 0 or args.prior_guidance < 0:
+    if any(g is not None and g < 0 for g in (args.guidance, args.prior_guidance)):
         raise GenvlError("guidance scales must be >= 0 (1 = no guidance)")
     if args.size is not None and args.size % 8:
         raise GenvlError(f"--size must be a multiple of 8, got {args.size}")
-    if args.scheduler not in ("ddpm", "ddim", "dpm++"):
+    if args.scheduler is not None and args.scheduler not in ("ddpm", "ddim", "dpm++"):
         raise GenvlError(f"unknown scheduler {args.scheduler!r}; choose ddpm, ddim or dpm++")
+
+
+# Sampling settings when neither the command line nor the model directory's genvl.json
+# ("sampling": {...}, the settings recommended for that model) gives them.
+SAMPLE_DEFAULTS = {"steps": 50, "prior_steps": 25, "guidance": 3.0, "prior_guidance": 4.0, "scheduler": "ddim"}
+
+
+def _fill_sample_defaults(args, model_defaults: dict) -> None:
+    """Options left unset take the model directory's recommended value, else SAMPLE_DEFAULTS."""
+    for key, value in SAMPLE_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, type(value)(model_defaults.get(key, value)))
 
 
 def _write_images(images, args, meta: dict, stem: str) -> list[Path]:
@@ -106,6 +118,8 @@ def _load_image_arg(path: str):
 
 def cmd_sample(args) -> int:
     _check_sample_args(args)
+    if args.method == "ar":
+        return _sample_ar(args)
     if args.model is None and not (DEMO_DIR / "genvl.json").is_file():
         print(
             "genvl sample: no text-to-image model yet. The built-in demo model arrives with the "
@@ -115,7 +129,7 @@ def cmd_sample(args) -> int:
         )
         return 0
     if args.method != "unclip":
-        raise GenvlError(f"--method {args.method} is not available in this version of genvl (available: unclip)")
+        raise GenvlError(f"--method {args.method} is not available in this version of genvl (available: unclip, ar)")
     device = _device(args.device)
     model_path = Path(args.model) if args.model else DEMO_DIR
 
@@ -128,6 +142,7 @@ def cmd_sample(args) -> int:
     from genvl.sampling.io import slug, to_pil_images
 
     md = _model_dir(args.model, "sampling")
+    _fill_sample_defaults(args, md.meta.get("sampling", {}))
     comps = unclip.UnclipComponents.from_model_dir(md, device=device)
     dec_size = comps.decoder.config.image_size
     sr_size = comps.sr.config.image_size if comps.sr is not None else None
@@ -218,7 +233,7 @@ def cmd_train(args) -> int:
         from genvl.tokenizers.text import train_text_tokenizer
 
         ds = open_image_text(args.data, image_size=cfg.data.image_size, validate=False)
-        tok = train_text_tokenizer(ds.captions, vocab_size=cfg.tokenizer_vocab, model_max_length=cfg.text_len)
+        tok = train_text_tokenizer(getattr(ds, "all_captions", ds.captions), vocab_size=cfg.tokenizer_vocab, model_max_length=cfg.text_len)
         out.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(out / "tokenizer"))
         print(f"genvl: tokenizer with {len(tok)} tokens trained on {len(ds.captions)} captions -> {out / 'tokenizer'}")
@@ -300,8 +315,13 @@ def cmd_classify(args) -> int:
 def cmd_evaluate(args) -> int:
     if args.kind == "generation":
         return _evaluate_generation(args)
+    if args.kind == "reconstruction":
+        return _evaluate_reconstruction(args)
     if args.kind != "retrieval":
-        raise GenvlError(f"evaluate {args.kind} is not available in this version of genvl (available: retrieval, generation)")
+        raise GenvlError(
+            f"evaluate {args.kind} is not available in this version of genvl (available: retrieval, generation, "
+            "reconstruction)"
+        )
     if args.data is None:
         raise GenvlError("evaluate retrieval needs --data PATH (an image-text dataset)")
     from genvl.checkpoint import record_metrics
@@ -339,6 +359,34 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _evaluate_reconstruction(args) -> int:
+    """PSNR, codebook usage and perplexity of the model's VQ-VAE on held-out images."""
+    from genvl.checkpoint import record_metrics
+    from genvl.data import open_image_text
+    from genvl.evaluation.reconstruction import evaluate_reconstruction
+
+    if args.data is None:
+        raise GenvlError("evaluate reconstruction needs --data PATH (held-out images)")
+    md = _model_dir(args.model, "reconstruction evaluation")
+    md.require("vqvae", purpose="reconstruction evaluation")
+    device = _device(args.device)
+    vq = md.load("vqvae", device=device)
+    ds = open_image_text(args.data, image_size=vq.config.image_size, progress=not args.no_progress)
+    n = min(args.limit, len(ds)) if args.limit else len(ds)
+    metrics = evaluate_reconstruction(vq, ds, batch_size=args.batch_size, limit=n, progress=not args.no_progress)
+    print(f"reconstruction on {n} images from {args.data} ({len(ds.skipped)} bad files skipped); "
+          f"{vq.tokens_per_image} codes per image, codebook {vq.config.codebook_size}")
+    print(f"{'metric':<16} {'value':>10}")
+    for k, v in metrics.items():
+        print(f"{k:<16} {v:10.4g}")
+    result = {"kind": "reconstruction", "model": str(md.path), "data": str(args.data), "n": n, "metrics": metrics}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if not args.no_record:
+        record_metrics(md.path, "reconstruction", metrics, {"data": str(args.data), "n": n})
+    return 0
+
+
 def _evaluate_generation(args) -> int:
     from genvl.checkpoint import open_model_dir, record_metrics
     from genvl.evaluation.generation import evaluate_generation
@@ -355,6 +403,7 @@ def _evaluate_generation(args) -> int:
         raise GenvlError(f"{pfile}: need at least two distinct prompts, found {len(prompts)}")
     md = _model_dir(args.model, "generation evaluation")
     device = _device(args.device)
+    _fill_sample_defaults(args, md.meta.get("sampling", {}))
     comps = UnclipComponents.from_model_dir(md, device=device)
     judge = judge_tok = None
     if args.clip:
@@ -373,7 +422,7 @@ def _evaluate_generation(args) -> int:
     res = evaluate_generation(comps, prompts, judge=judge, judge_tokenizer=judge_tok, reference=reference,
                               num_images=args.num_images, progress=not args.no_progress, steps=args.steps,
                               prior_steps=args.prior_steps, guidance=args.guidance,
-                              prior_guidance=args.prior_guidance, seed=args.seed)
+                              prior_guidance=args.prior_guidance, scheduler=args.scheduler, seed=args.seed)
     images = res.pop("images")
     metrics = {k: res[k] for k in ("clip_score", "prompt_retrieval_accuracy", "fd_clip") if k in res}
     print(f"generation on {len(prompts)} prompts x {args.num_images} images "
@@ -383,6 +432,7 @@ def _evaluate_generation(args) -> int:
         print(f"{k:<28} {v:8.2f}")
     print(f"{'chance_prompt_retrieval':<28} {res['chance_prompt_retrieval']:8.2f}")
     settings = {"steps": args.steps, "prior_steps": args.prior_steps, "guidance": args.guidance,
+                "scheduler": args.scheduler,
                 "prior_guidance": args.prior_guidance, "seed": args.seed, "num_images": args.num_images}
     result = {"kind": "generation", "model": str(md.path), "judge": args.clip or "own", "reference": args.data,
               **res, "prompts": prompts, "metrics": metrics, "settings": settings}
@@ -417,7 +467,31 @@ def cmd_data(args) -> int:
         if res.missing:
             print(f"genvl: {len(res.missing)} image(s) listed in emoji.json were not in the package")
         return 0
+    if args.data_cmd == "tokenize":
+        return _data_tokenize(args)
     raise GenvlError(f"data {args.data_cmd} is not available in this version of genvl")
+
+
+def _data_tokenize(args) -> int:
+    """Encode a dataset with the model's VQ-VAE into a tokenized set (codes + captions)."""
+    from genvl.data import open_image_text
+    from genvl.data.tokenized import SUFFIX, tokenize_dataset, tokenized_sidecar
+
+    out = Path(args.out)
+    if out.suffix != SUFFIX:
+        raise GenvlError(f"--out {out}: the codes are written as a {SUFFIX} file (e.g. {out.with_suffix(SUFFIX)})")
+    md = _model_dir(args.model, "tokenizing a dataset")
+    md.require("vqvae", purpose="genvl data tokenize")
+    device = _device(args.device)
+    vq = md.load("vqvae", device=device)
+    ds = open_image_text(args.path, image_size=vq.config.image_size, progress=not args.no_progress)
+    res = tokenize_dataset(vq, ds, out, batch_size=args.batch_size, progress=not args.no_progress,
+                           meta={"model": str(md.path), "source": str(args.path)},
+                           weights=md.path / "vqvae" / "model.safetensors")
+    n, h, w = res.codes.shape
+    print(f"genvl: {n} images of {args.path} -> {h}x{w} codes each in {out}, captions in {tokenized_sidecar(out)}"
+          + (f" ({len(ds.skipped)} bad files skipped)" if ds.skipped else ""))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- ui
@@ -425,8 +499,61 @@ def cmd_ui(args) -> int:
     raise GenvlError("the streamlit UI is not available in this version of genvl")
 
 
+# --------------------------------------------------------------------------------- autoregressive
+def _ar_parts(model: str | None, device: str, purpose: str):
+    """(model dir, lm, vqvae, tokenizer) of a model directory holding the token LM."""
+    from genvl.sampling.autoregressive import check_parts
+
+    md = _model_dir(model, purpose)
+    md.require("lm", "vqvae", purpose=purpose)
+    lm, vq, tok = md.load("lm", device=device), md.load("vqvae", device=device), md.tokenizer()
+    check_parts(lm, vq, tok, None)
+    return md, lm, vq, tok
+
+
+def _sample_ar(args) -> int:
+    """``genvl sample --method ar PROMPT``: the token LM writes image codes, the VQ-VAE draws them."""
+    from genvl.sampling.autoregressive import check_sampling, text_to_image
+    from genvl.sampling.io import slug, to_pil_images
+
+    if args.variations or args.interpolate:
+        raise GenvlError("--variations and --interpolate work with --method unclip, not ar")
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    device = _device(args.device)
+    md, lm, vq, tok = _ar_parts(args.model, device, "--method ar")
+    if args.guidance is None:  # unset: the model directory's recommended AR guidance, else 3
+        args.guidance = float(md.meta.get("sampling", {}).get("ar_guidance", 3.0))
+    S = vq.config.image_size
+    if args.size is not None and args.size != S:
+        raise GenvlError(f"--size {args.size}: this model generates {S} px")
+    out = text_to_image(lm, vq, tok, None, [args.prompt], num_images=args.num_images, guidance=args.guidance,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        fast=args.fast, progress=not args.no_progress)
+    meta = {"model": str(Path(args.model) if args.model else DEMO_DIR), "method": "ar", "prompt": args.prompt,
+            "seed": args.seed, "guidance": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p}
+    for p in _write_images(to_pil_images(out.images), args, meta, f"{slug(args.prompt)}-s{args.seed}"):
+        print(p)
+    return 0
+
+
 def cmd_caption(args) -> int:
-    raise GenvlError("captioning needs the autoregressive model, not available in this version of genvl")
+    """``genvl caption IMAGE...``: one "path<TAB>caption" line per image."""
+    from genvl.sampling.autoregressive import caption, check_sampling
+
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    for p in args.images:
+        if not Path(p).is_file():
+            raise GenvlError(f"image not found: {p}")
+    device = _device(args.device)
+    _, lm, vq, tok = _ar_parts(args.model, device, "captioning")
+    images = _load_images(args.images, vq.config.image_size)  # (B, 3, S, S); unreadable files: one-line errors
+    for start in range(0, len(args.images), args.batch_size):
+        out = caption(lm, vq, tok, None, images[start:start + args.batch_size], max_new_tokens=args.max_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        for path, text in zip(args.images[start:start + args.batch_size], out.captions):
+            print(f"{path}\t{text}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- info
@@ -473,11 +600,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=_positive_int, default=4, help="images to generate")
     s.add_argument("--grid", action="store_true", help="write several images as one grid PNG")
     s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same image")
-    s.add_argument("--steps", type=_positive_int, default=50, help="decoder diffusion steps")
-    s.add_argument("--prior-steps", type=_positive_int, default=25, help="prior diffusion steps")
-    s.add_argument("--guidance", type=float, default=3.0, help="decoder classifier-free guidance (1 = none)")
-    s.add_argument("--prior-guidance", type=float, default=4.0, help="prior classifier-free guidance (1 = none)")
-    s.add_argument("--scheduler", default="ddim", help="ddpm, ddim or dpm++")
+    s.add_argument("--steps", type=_positive_int, help="decoder diffusion steps (default: the model's "
+                   "recommended setting, else 50)")
+    s.add_argument("--prior-steps", type=_positive_int, help="prior diffusion steps (default: model's, else 25)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance of the decoder (or AR model), 1 = none "
+                   "(default: the model's, else 3)")
+    s.add_argument("--prior-guidance", type=float, help="prior classifier-free guidance, 1 = none "
+                   "(default: model's, else 4)")
+    s.add_argument("--temperature", type=float, default=1.0, help="--method ar: sampling temperature (0 = greedy)")
+    s.add_argument("--top-k", type=int, default=0, help="--method ar: sample among the k likeliest codes (0 = all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="--method ar: nucleus sampling mass (1 = off)")
+    s.add_argument("--fast", action="store_true", help="--method ar on CUDA: static KV cache + CUDA graphs "
+                   "(compiles on first use)")
+    s.add_argument("--scheduler", help="ddpm, ddim or dpm++ (default: model's, else ddim)")
     s.add_argument("--size", type=int, help="output size in pixels (default: the model's)")
     s.add_argument("--variations", metavar="IMAGE", help="generate variations of this image instead of a prompt")
     s.add_argument("--invert", action="store_true", help="variations start from the DDIM-inverted noise of the image")
@@ -490,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one stage", formatter_class=_Formatter,
                        description="Train one stage on an image-text dataset into a model directory.\n\n"
-                       "Stages: tokenizer, clip (prior, decoder, sr, vqvae, lm, interleaved arrive later).\n"
+                       "Stages: tokenizer, clip, prior, decoder, sr, vqvae, lm, interleaved (those not in this\n"
+                       "version say so). Finetune with --init DIR (or --init demo); LoRA: --set lora_rank=8.\n"
                        "The recipe comes from --config (YAML, see configs/) with --set key=value overrides;\n"
                        "e.g. --set max_steps=500 --set data.image_size=64 --set model.size=small.\n"
                        "Multi-process: accelerate launch --config_file configs/accelerate/ddp.yaml -m genvl train ...")
@@ -506,9 +642,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("caption", help="describe images with the token LM", formatter_class=_Formatter)
+    c = sub.add_parser("caption", help="describe images with the token LM", formatter_class=_Formatter,
+                       description="Image -> text with the autoregressive token LM (a model directory holding lm,\n"
+                       "vqvae and tokenizer/). Prints one 'path<TAB>caption' line per image.")
     c.add_argument("images", nargs="+", metavar="IMAGE")
     c.add_argument("--model", help="model directory (default: the built-in demo)")
+    c.add_argument("--max-tokens", type=_positive_int, default=32, help="most tokens per caption")
+    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    c.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    c.add_argument("--seed", type=int, default=0, help="random seed (used when temperature > 0)")
+    c.add_argument("--batch-size", type=_positive_int, default=32, help="images captioned per batch")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     c.set_defaults(func=cmd_caption)
 
     k = sub.add_parser("classify", help="zero-shot classify images", formatter_class=_Formatter,
@@ -528,6 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "  retrieval:  image<->text R@1/5/10 on an image-text set (--data)\n"
                        "  generation: images for --prompts, scored by CLIP score, prompt-retrieval accuracy and\n"
                        "              (with --data) the Frechet distance in CLIP space to real images\n"
+                       "  reconstruction: PSNR, codebook usage and code perplexity of the VQ-VAE on held-out\n"
+                       "              images (--data)\n"
                        "The figures are also stored in the model card unless --no-record.")
     e.add_argument("kind", choices=["retrieval", "generation", "zero-shot", "reconstruction"])
     e.add_argument("--model", help="model directory (default: the built-in demo)")
@@ -535,10 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", help="generation: file with one prompt per line")
     e.add_argument("--clip", help="generation: model directory of the CLIP that scores (default: the model's own)")
     e.add_argument("--num-images", type=_positive_int, default=4, help="generation: images per prompt")
-    e.add_argument("--steps", type=_positive_int, default=50, help="generation: decoder steps")
-    e.add_argument("--prior-steps", type=_positive_int, default=25, help="generation: prior steps")
-    e.add_argument("--guidance", type=float, default=3.0, help="generation: decoder guidance")
-    e.add_argument("--prior-guidance", type=float, default=4.0, help="generation: prior guidance")
+    e.add_argument("--steps", type=_positive_int, help="generation: decoder steps (default: the model's, else 50)")
+    e.add_argument("--prior-steps", type=_positive_int, help="generation: prior steps (default: model's, else 25)")
+    e.add_argument("--guidance", type=float, help="generation: decoder guidance (default: model's, else 3)")
+    e.add_argument("--prior-guidance", type=float, help="generation: prior guidance (default: model's, else 4)")
+    e.add_argument("--scheduler", help="generation: ddpm, ddim or dpm++ (default: model's, else ddim)")
     e.add_argument("--seed", type=int, default=0, help="generation: first seed (prompt i uses seed + i)")
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
@@ -561,8 +709,17 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--styles", default="google,twitter", help="comma-separated: google, twitter")
     de.add_argument("--limit", type=_positive_int, help="at most N images per style")
     de.add_argument("--no-progress", action="store_true")
-    dt = dsub.add_parser("tokenize", help="pre-encode a dataset to image codes (with the VQ-VAE)")
-    dt.add_argument("path")
+    dt = dsub.add_parser("tokenize", help="pre-encode a dataset to image codes (with the VQ-VAE)",
+                         formatter_class=_Formatter,
+                         description="Encode every image of a dataset with the model's VQ-VAE (fast token-LM training).\n"
+                         "Writes OUT (.safetensors: codes (N, h, w) int16) and OUT with .jsonl beside it\n"
+                         "(file_name, text per row); read back with genvl.data.load_tokenized(OUT).")
+    dt.add_argument("path", help="dataset path")
+    dt.add_argument("--model", help="model directory holding a vqvae (default: the built-in demo)")
+    dt.add_argument("--out", required=True, help="output .safetensors file")
+    dt.add_argument("--batch-size", type=_positive_int, default=64)
+    dt.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
+    dt.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_data)
 
     u = sub.add_parser("ui", help="start the streamlit app", formatter_class=_Formatter)

@@ -25,6 +25,7 @@ from genvl.data.images import (
     to_tensor,
     verify_image,
 )
+from genvl.data.tokenized import TokenizedSet, load_tokenized, read_tokenized, save_tokenized
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -48,4 +49,8 @@ __all__ = [
     "EmojiBuildResult",
     "build_emoji_dataset",
     "emoji_caption",
+    "TokenizedSet",
+    "load_tokenized",
+    "read_tokenized",
+    "save_tokenized",
 ]

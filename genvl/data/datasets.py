@@ -78,7 +78,7 @@ class _Entry(NamedTuple):
 
     name: str
     source: Union[str, _TarMember]
-    caption: str
+    caption: str | tuple[str, ...]  # a tuple holds caption variants (metadata.jsonl "text" list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +223,10 @@ def _entry_for_file(root: str, file_name: Any, text: Any, where: str) -> tuple[_
     image = os.path.normpath(os.path.join(root, file_name))
     if text is None:
         return None, (image, "missing text")
+    if isinstance(text, list):  # caption variants: one is drawn per epoch
+        if not text or not all(isinstance(t, str) for t in text):
+            return None, (image, "text is a list but not a non-empty list of strings")
+        return _Entry(image, image, tuple(t.strip() for t in text)), None
     if not isinstance(text, str):
         return None, (image, f"text is not a string ({type(text).__name__})")
     return _Entry(image, image, text.strip()), None
@@ -460,7 +464,9 @@ class ImageTextDataset(Dataset):
             raise _no_pairs_error(self.root, self.skipped)
         self._names = [e.name for e in entries]
         self._sources = [e.source for e in entries]
-        self._captions = [e.caption for e in entries]
+        # caption variants per sample (a metadata.jsonl "text" may be a list); the first is canonical
+        self._variants = [e.caption if isinstance(e.caption, tuple) else (e.caption,) for e in entries]
+        self._captions = [v[0] for v in self._variants]
 
     # -- construction -------------------------------------------------------------------------
 
@@ -609,12 +615,20 @@ class ImageTextDataset(Dataset):
         """The caption of sample ``index`` as returned this epoch ("" when dropped)."""
         if caption_dropped(self.caption_dropout, self.seed, self.epoch, index):
             return ""
-        return self._captions[index]
+        variants = self._variants[index]
+        if len(variants) == 1:
+            return variants[0]
+        return variants[random.Random(f"variant:{self.seed}:{self.epoch}:{index}").randrange(len(variants))]
 
     @property
     def captions(self) -> list[str]:
-        """All kept captions, without dropout (e.g. for training a tokenizer)."""
+        """The canonical (first) caption of every sample, without dropout."""
         return list(self._captions)
+
+    @property
+    def all_captions(self) -> list[str]:
+        """Every caption variant of every sample (e.g. for training a tokenizer)."""
+        return [c for v in self._variants for c in v]
 
     def __repr__(self) -> str:
         return (

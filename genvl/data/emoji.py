@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from genvl.errors import DataError
 
-__all__ = ["EMOJI_STYLES", "SKIN_TONES", "EmojiBuildResult", "build_emoji_dataset", "emoji_caption"]
+__all__ = ["EMOJI_STYLES", "SKIN_TONES", "EmojiBuildResult", "build_emoji_dataset", "emoji_caption", "emoji_captions"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -155,6 +155,27 @@ def emoji_caption(name: str, style: str, skin_key: str | None = None, common: st
     return ", ".join(parts)
 
 
+def emoji_captions(name: str, style: str, skin_key: str | None = None, common: str | None = None) -> list[str]:
+    """Caption variants of one emoji image: the full :func:`emoji_caption` first, then the ways a
+    person would ask for it ("a red heart", "red heart", "an emoji of a red heart", ...).
+
+    Training on the variants (one drawn per epoch, see ``ImageTextDataset.text``) keeps a small
+    text tower from learning only the exact "name, alias, style" strings.
+    """
+    full = emoji_caption(name, style, skin_key, common)
+    base = (common or name).strip().lower()
+    tone = ""
+    if skin_key:
+        tone = ", " + full.split(", ")[-2]  # the skin-tone part of the full caption
+    article = "an" if base[:1] in "aeiou" else "a"
+    style_text = EMOJI_STYLES[style].caption
+    out = [full, f"{base}{tone}", f"{article} {base}{tone}", f"{article} {base}{tone}, {style_text}",
+           f"an emoji of {article} {base}{tone}", f"{base} emoji{tone}"]
+    if name.strip().lower() != base:
+        out.append(f"{name.strip().lower()}{tone}")
+    return list(dict.fromkeys(out))
+
+
 def _npm_pack(npm: str, spec: str, workdir: str) -> str:
     """Download ``spec`` with ``npm pack`` into ``workdir``; returns the .tgz path."""
     try:
@@ -217,7 +238,7 @@ def _plan_style(entries: list[dict[str, Any]], style: str, limit: int | None) ->
                 continue
             plan[image] = {
                 "file_name": f"{style}/{image}",
-                "text": emoji_caption(name, style, skin_key, common),
+                "text": emoji_captions(name, style, skin_key, common),
                 "style": style,
                 "category": entry.get("category") or "",
                 "short_name": entry.get("short_name") or "",

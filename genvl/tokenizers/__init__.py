@@ -1,1 +1,1 @@
-"""Tokenizers: an offline-trainable BPE text tokenizer (and, later, the VQ-VAE image tokenizer)."""
+"""Tokenizers: an offline-trainable BPE text tokenizer (:mod:`.text`) and the VQ-VAE image tokenizer (:mod:`.vqvae`)."""

@@ -262,7 +262,7 @@ def train(
 
     init_dir = open_model_dir(init) if init else None
     resume_tok = None
-    if ckpt is not None:
+    if ckpt is not None and (ckpt / "tokenizer").is_dir():  # stages without text (vqvae, sr) save none
         from genvl.tokenizers.text import load_text_tokenizer
 
         resume_tok = load_text_tokenizer(ckpt / "tokenizer")

@@ -45,7 +45,7 @@ def test_bad_values_one_line_exit_2(tmp_path, capsys):
         (["train", "clip", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"],
          "not found"),
         (["train", "clip", "--data", ".", "--out", str(tmp_path / "o"), "--set", "lr"], "key=value"),
-        (["train", "vqvae", "--data", ".", "--out", str(tmp_path / "o")], "not available"),
+        (["train", "interleaved", "--data", ".", "--out", str(tmp_path / "o")], "not available"),
         (["evaluate", "retrieval", "--model", str(tmp_path), "--data", "."], "not a genvl model directory"),
         (["classify", "x.png", "--model", str(tmp_path), "--classes", "a"], "at least two classes"),
         (["info", str(tmp_path / "nothing")], "not found"),

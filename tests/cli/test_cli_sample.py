@@ -59,6 +59,26 @@ def test_prompt_to_pngs_with_metadata_and_seeds(model_dir, tmp_path, capsys):
     assert not np.array_equal(_pixels(paths[0]), _pixels(other[0]))
 
 
+def test_model_directory_recommends_sampling_settings(model_dir, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    meta = json.loads((d / "genvl.json").read_text())
+    meta["sampling"] = {"steps": 2, "prior_steps": 2, "guidance": 1.5, "scheduler": "dpm++"}
+    (d / "genvl.json").write_text(json.dumps(meta))
+    assert main(["sample", "a red heart", "--model", str(d), "--out", str(tmp_path / "a.png"), "--num-images", "1",
+                 "--no-progress"]) == 0
+    got = read_png_metadata(tmp_path / "a.png")
+    assert (got["steps"], got["prior_steps"], got["guidance"], got["scheduler"]) == (2, 2, 1.5, "dpm++")
+    assert got["prior_guidance"] == 4.0  # not recommended by the model: the global default
+    assert main(["sample", "a red heart", "--model", str(d), "--out", str(tmp_path / "b.png"), "--num-images", "1",
+                 "--steps", "3", "--scheduler", "ddim", "--no-progress"]) == 0  # the command line wins
+    got = read_png_metadata(tmp_path / "b.png")
+    assert (got["steps"], got["scheduler"], got["guidance"]) == (3, "ddim", 1.5)
+    capsys.readouterr()
+
+
 def test_grid_size_and_png_path(model_dir, tmp_path, capsys):
     target = tmp_path / "g.png"
     assert main(["sample", "a cat face", "--model", str(model_dir), "--out", str(target), "--num-images", "3",

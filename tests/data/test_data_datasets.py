@@ -119,6 +119,29 @@ def test_metadata_jsonl_with_subfolders_and_extra_keys(tmp_path):
     assert direct.root == str(tmp_path) and direct.captions == ds.captions
 
 
+def test_metadata_jsonl_caption_variants(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(image_bytes("PNG", seed=len(name)))
+    write_jsonl(tmp_path / "metadata.jsonl", [
+        {"file_name": "a.png", "text": ["red heart, full caption", "a red heart", " red heart "]},
+        {"file_name": "b.png", "text": []},
+        {"file_name": "c.png", "text": ["ok", 3]},
+    ])
+    ds = open_image_text(tmp_path, image_size=S, seed=5)
+    assert len(ds) == 1 and ds.captions == ["red heart, full caption"]
+    assert ds.all_captions == ["red heart, full caption", "a red heart", "red heart"]
+    assert sorted(r for _, r in ds.skipped) == ["text is a list but not a non-empty list of strings"] * 2
+    drawn = []
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        drawn.append(ds[0]["text"])
+    assert set(drawn) == set(ds.all_captions)  # every variant is used across epochs
+    again = open_image_text(tmp_path, image_size=S, seed=5)
+    again.set_epoch(7)
+    ds.set_epoch(7)
+    assert again[0]["text"] == ds[0]["text"]  # a pure function of (seed, epoch, index)
+
+
 def test_metadata_csv(tmp_path):
     (tmp_path / "x.png").write_bytes(image_bytes("PNG", mode="L"))
     (tmp_path / "y.webp").write_bytes(image_bytes("WEBP", seed=4))

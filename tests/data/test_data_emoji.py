@@ -93,10 +93,13 @@ def test_build_from_fake_tarballs(tmp_path, tarballs):
     rows = read_rows(out)
     assert len(rows) == 13
     assert rows[0] == {
-        "file_name": "google/1f600.png", "text": "grinning face, google noto style", "style": "google",
-        "category": "Smileys & Emotion", "short_name": "grinning",
-    }  # sort order, not file order
-    texts = {r["file_name"]: r["text"] for r in rows}
+        "file_name": "google/1f600.png", "style": "google", "category": "Smileys & Emotion", "short_name": "grinning",
+        "text": ["grinning face, google noto style", "grinning face", "a grinning face",
+                 "a grinning face, google noto style", "an emoji of a grinning face", "grinning face emoji"],
+    }  # sort order, not file order; the full caption first, then the ways a person asks for it
+    texts = {r["file_name"]: r["text"][0] for r in rows}
+    variants = {r["file_name"]: r["text"] for r in rows}
+    assert "a father christmas, medium skin tone" in variants["twitter/1f385-1f3fd.png"]
     assert texts["twitter/1f385-1f3fd.png"] == "father christmas, medium skin tone, twitter twemoji style"
     assert texts["twitter/1f385-1f3ff.png"] == "father christmas, dark skin tone, twitter twemoji style"
     assert texts["google/1faf1-1f3fb-200d-1faf2-1f3fc.png"] == (
@@ -114,13 +117,20 @@ def test_build_from_fake_tarballs(tmp_path, tarballs):
     ds = open_image_text(out, image_size=16)  # the output is a regular imagefolder
     assert len(ds) == 13 and ds.skipped == []
     assert ds[0]["pixel_values"].shape == (3, 16, 16)
+    assert ds.captions[0] == "grinning face, google noto style" and len(ds.all_captions) > 5 * 13
+    seen = set()
+    for epoch in range(12):  # one variant per epoch, a pure function of (seed, epoch, index)
+        ds.set_epoch(epoch)
+        seen.add(ds.text(0))
+        assert ds.text(0) == ds.text(0)
+    assert seen <= set(variants["google/1f600.png"]) and len(seen) >= 3
 
 
 def test_limit_and_single_style(tmp_path, tarballs):
     out = tmp_path / "small"
     result = build_emoji_dataset(out, styles=("twitter",), limit=2, progress=False, tarball_paths=tarballs)
     assert result.counts == {"twitter": 2}
-    assert [r["text"] for r in read_rows(out)] == [
+    assert [r["text"][0] for r in read_rows(out)] == [
         "grinning face, twitter twemoji style", "father christmas, twitter twemoji style"
     ]
     assert not (out / "google").exists()

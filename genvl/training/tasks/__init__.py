@@ -15,6 +15,8 @@ TASKS = {
     "prior": "genvl.training.tasks.prior:PriorTask",
     "decoder": "genvl.training.tasks.decoder:DecoderTask",
     "sr": "genvl.training.tasks.decoder:SuperResTask",
+    "vqvae": "genvl.training.tasks.vqvae:VQVAETask",
+    "lm": "genvl.training.tasks.lm:LMTask",
 }
 
 

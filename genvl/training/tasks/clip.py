@@ -51,7 +51,7 @@ class CLIPTask(Task):
             load_external_text_encoder_weights(model, path)
             return model.train()
         self.tokenizer = tokenizer or train_text_tokenizer(
-            dataset.captions, vocab_size=self.cfg.tokenizer_vocab, model_max_length=self.cfg.text_len
+            getattr(dataset, "all_captions", dataset.captions), vocab_size=self.cfg.tokenizer_vocab, model_max_length=self.cfg.text_len
         )
         size = overrides.pop("size", "tiny")
         text = dict(overrides.pop("text", {}))
