@@ -418,6 +418,9 @@ def write_model_card(path: str | Path, meta: dict) -> None:
         use = [usage, f"genvl evaluate retrieval --model {path} --data IMAGE_FOLDER"]
         if "decoder" in meta["components"]:
             use.insert(0, f'genvl sample "a red heart" --model {path} --num-images 4 --seed 0')
+        if "lm" in meta["components"]:
+            use[1:1] = [f'genvl sample --method ar "a red heart" --model {path} --num-images 4',
+                        f"genvl caption IMAGE.png --model {path}"]
         lines += ["## Use", "", "```", *use, "```", ""]
     tmp = path / f".README.md.tmp-{os.getpid()}"
     tmp.write_text("\n".join(lines))

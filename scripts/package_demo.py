@@ -1,10 +1,13 @@
 """Copy a trained text-to-image model directory into genvl/assets/demo, the built-in demo model.
 
-    python scripts/package_demo.py runs/demo genvl/assets/demo [--generation runs/demo-generation.json]
+    python scripts/package_demo.py runs/demo genvl/assets/demo [--extra runs/demo-ar]
+        [--generation runs/demo-generation.json] [--half]
 
 Only what sampling needs travels (components, tokenizer, genvl.json, the model card, and the
-evaluation sample grid); training logs and checkpoints stay in the run directory. The card gets a
-description of how the model was built.
+evaluation sample grid); training logs and checkpoints stay in the run directory. ``--extra``
+adds the components of another run directory that shares the tokenizer (the VQ-VAE and token LM).
+``--half`` stores floating-point weights as float16 (loading casts them back to float32), which
+halves the size. The card gets a description of how the model was built.
 """
 
 from __future__ import annotations
@@ -20,11 +23,24 @@ from genvl.checkpoint import TOKENIZER_DIR, open_model_dir, read_meta, write_met
 LIMIT_MB = 40
 
 
+def _to_half(root: Path) -> None:
+    """Rewrite every component's model.safetensors with float32 tensors as float16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for f in root.glob("*/model.safetensors"):
+        state = load_file(str(f))
+        half = {k: (v.half() if v.dtype == torch.float32 else v) for k, v in state.items()}
+        save_file(half, str(f), metadata={"format": "pt", "stored_as": "float16"})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="trained model directory (clip + prior + decoder)")
     ap.add_argument("dest", help="where the demo goes (replaced)")
     ap.add_argument("--generation", help="JSON written by genvl evaluate generation --json (its PNG grid is copied)")
+    ap.add_argument("--extra", action="append", default=[], help="another run directory whose components to add")
+    ap.add_argument("--half", action="store_true", help="store float weights as float16")
     args = ap.parse_args(argv)
     src, dest = Path(args.run), Path(args.dest)
     md = open_model_dir(src)
@@ -38,6 +54,23 @@ def main(argv=None) -> int:
         shutil.copytree(src / name, tmp / name)
     shutil.copytree(src / md.meta.get("tokenizer", TOKENIZER_DIR), tmp / TOKENIZER_DIR)
     meta = read_meta(src)
+    tok = (tmp / TOKENIZER_DIR / "tokenizer.json").read_text()
+    for extra_dir in args.extra:
+        em = open_model_dir(extra_dir)
+        if (em.path / TOKENIZER_DIR / "tokenizer.json").read_text() != tok:
+            sys.exit(f"{extra_dir}: its tokenizer differs from {src}'s; its components cannot join this model")
+        emeta = read_meta(extra_dir)
+        for name in em.components:
+            if name in meta["components"]:
+                continue
+            shutil.copytree(em.path / name, tmp / name)
+            meta["components"][name] = emeta["components"][name]
+            if name in emeta.get("training", {}):
+                meta.setdefault("training", {})[name] = emeta["training"][name]
+            if name in ("vqvae",) and "reconstruction" in emeta.get("metrics", {}):
+                meta.setdefault("metrics", {})["reconstruction"] = emeta["metrics"]["reconstruction"]
+    if args.half:
+        _to_half(tmp)
     extra = ""
     if args.generation:
         grid = Path(args.generation).with_suffix(".png")

@@ -171,8 +171,10 @@ def emoji_captions(name: str, style: str, skin_key: str | None = None, common: s
     style_text = EMOJI_STYLES[style].caption
     out = [full, f"{base}{tone}", f"{article} {base}{tone}", f"{article} {base}{tone}, {style_text}",
            f"an emoji of {article} {base}{tone}", f"{base} emoji{tone}"]
-    if name.strip().lower() != base:
-        out.append(f"{name.strip().lower()}{tone}")
+    alias = name.strip().lower()
+    if alias != base:  # the Unicode name ("slice of pizza") asked for in the same ways
+        alias_article = "an" if alias[:1] in "aeiou" else "a"
+        out += [f"{alias}{tone}", f"{alias_article} {alias}{tone}"]
     return list(dict.fromkeys(out))
 
 

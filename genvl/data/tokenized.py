@@ -6,7 +6,7 @@
                        32767 codes); metadata (strings): format "genvl-tokenized", version,
                        codebook_size, image_size, latent_size, n, captions (the sidecar's file
                        name), model (the model directory), vqvae_sha256 (of its weights), source
-    FILE.jsonl         N lines, row i = {"file_name": ..., "text": ...} of codes[i]
+    FILE.jsonl         N lines, row i = {"file_name": ..., "text": caption or [caption variants]} of codes[i]
 
 The codes identify a particular VQ-VAE: ``vqvae_sha256`` lets a reader check that the codes
 belong to the tokenizer it decodes with. Both files are written to temporary names and renamed,
@@ -25,8 +25,8 @@ import torch
 
 from genvl.errors import DataError
 
-__all__ = ["FORMAT", "TokenizedSet", "tokenized_sidecar", "save_tokenized", "read_tokenized", "load_tokenized",
-           "tokenize_dataset"]
+__all__ = ["FORMAT", "TokenizedSet", "TokenizedDataset", "tokenized_sidecar", "save_tokenized", "read_tokenized",
+           "load_tokenized", "tokenize_dataset"]
 
 FORMAT = "genvl-tokenized"
 VERSION = "1"
@@ -53,6 +53,7 @@ class TokenizedSet:
     captions: list[str]
     file_names: list[str]
     meta: dict[str, str] = field(default_factory=dict)
+    variants: list[tuple[str, ...]] | None = None  # caption variants per row (first = ``captions[i]``)
 
 
 def _check_out(path: Path) -> None:
@@ -115,20 +116,22 @@ def read_tokenized(path: str | Path) -> TokenizedSet:
     side = path.with_name(meta.get("captions", tokenized_sidecar(path).name))
     if not side.is_file():
         raise DataError(f"{path}: its captions file {side.name} is missing (it belongs beside the codes)")
-    captions, names = [], []
+    captions, names, variants = [], [], []
     for i, line in enumerate(side.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            captions.append(str(row["text"]))
+            text = row["text"]
+            variants.append(tuple(str(t) for t in text) if isinstance(text, list) and text else (str(text),))
+            captions.append(variants[-1][0])
             names.append(str(row["file_name"]))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise DataError(f"{side}:{i + 1}: not a {{\"file_name\", \"text\"}} JSON line") from None
     if codes.ndim != 3 or len(captions) != codes.shape[0]:
         raise DataError(f"{path}: {codes.shape[0] if codes.ndim else 0} code grids but {len(captions)} captions in "
                         f"{side.name} (the two files do not belong together)")
-    return TokenizedSet(codes=codes.long(), captions=captions, file_names=names, meta=meta)
+    return TokenizedSet(codes=codes.long(), captions=captions, file_names=names, meta=meta, variants=variants)
 
 
 def load_tokenized(path: str | Path) -> tuple[torch.Tensor, list[str]]:
@@ -167,7 +170,7 @@ def tokenize_dataset(vq, dataset, out: str | Path, batch_size: int = 64, progres
 
     out = Path(out)
     _check_out(out)
-    captions_all = dataset.captions
+    variants_all = getattr(dataset, "_variants", None) or [(c,) for c in dataset.captions]
     codes, captions, names = [], [], []
     n = len(dataset)
     for start in tqdm(range(0, n, batch_size), desc="tokenizing", unit="batch", disable=not progress):
@@ -178,7 +181,8 @@ def tokenize_dataset(vq, dataset, out: str | Path, batch_size: int = 64, progres
             continue
         px = torch.stack([it["pixel_values"] for it in items])  # (b, 3, S, S)
         codes.append(vq.encode(px).cpu())  # (b, h, w)
-        captions += [captions_all[it["index"]] for it in items]
+        captions += [list(variants_all[it["index"]]) if len(variants_all[it["index"]]) > 1
+                     else variants_all[it["index"]][0] for it in items]
         names += [dataset.image_name(it["index"]) for it in items]
     if not codes:
         raise DataError(f"{getattr(dataset, 'root', 'the dataset')}: no image could be decoded")
@@ -187,4 +191,58 @@ def tokenize_dataset(vq, dataset, out: str | Path, batch_size: int = 64, progres
         extra["vqvae_sha256"] = _sha256(Path(weights))
     all_codes = torch.cat(codes)  # (N, h, w)
     save_tokenized(out, all_codes, captions, names, vq.config.codebook_size, vq.config.image_size, extra)
-    return TokenizedSet(codes=all_codes, captions=captions, file_names=names, meta=extra)
+    variants = [tuple(c) if isinstance(c, list) else (c,) for c in captions]
+    return TokenizedSet(codes=all_codes, captions=[v[0] for v in variants], file_names=names, meta=extra,
+                        variants=variants)
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """A tokenized set as a training dataset: items ``{"codes": (h, w) long, "text", "index"}``.
+
+    The same caption handling as :class:`~genvl.data.ImageTextDataset`: one variant drawn per epoch,
+    caption dropout, both pure functions of (seed, epoch, index); ``set_epoch`` before each epoch.
+    """
+
+    format = "tokenized"
+
+    def __init__(self, path: str | Path, caption_dropout: float = 0.0, seed: int = 0):
+        self.path = Path(path)
+        self.root = str(self.path)
+        self.set = read_tokenized(self.path)
+        self.caption_dropout = float(caption_dropout)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.skipped: list[tuple[str, str]] = []
+        self._variants = self.set.variants or [(c,) for c in self.set.captions]
+
+    def __len__(self) -> int:
+        return self.set.codes.shape[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def text(self, index: int) -> str:
+        import random
+
+        from genvl.data.datasets import caption_dropped
+
+        if caption_dropped(self.caption_dropout, self.seed, self.epoch, index):
+            return ""
+        v = self._variants[index]
+        return v[0] if len(v) == 1 else v[random.Random(f"variant:{self.seed}:{self.epoch}:{index}").randrange(len(v))]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return {"codes": self.set.codes[index], "text": self.text(index), "index": index}
+
+    @property
+    def captions(self) -> list[str]:
+        return list(self.set.captions)
+
+    @property
+    def all_captions(self) -> list[str]:
+        return [c for v in self._variants for c in v]
+
+    def image_name(self, index: int) -> str:
+        return self.set.file_names[index]

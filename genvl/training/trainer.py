@@ -57,6 +57,9 @@ class Task:
     stage: str = ""
     component: str = ""
 
+    # whether ``--data`` may be a tokenized set (genvl data tokenize) instead of images
+    accepts_tokenized = False
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.tokenizer = None
@@ -247,10 +250,19 @@ def train(
     if resume and ckpt is None and main:
         print(f"genvl: no checkpoint in {run_dir / CHECKPOINTS}; starting from step 0")
 
-    dataset = open_image_text(
-        data_path, image_size=cfg.data.image_size, caption_dropout=cfg.data.caption_dropout,
-        seed=cfg.seed, validate=cfg.data.validate, progress=progress and main,
-    )
+    if str(data_path).endswith(".safetensors"):  # codes written by genvl data tokenize
+        if not task.accepts_tokenized:
+            raise TrainingError(
+                f"{data_path} is a tokenized set (VQ-VAE codes); the {task.stage} stage needs images"
+            )
+        from genvl.data.tokenized import TokenizedDataset
+
+        dataset = TokenizedDataset(data_path, caption_dropout=cfg.data.caption_dropout, seed=cfg.seed)
+    else:
+        dataset = open_image_text(
+            data_path, image_size=cfg.data.image_size, caption_dropout=cfg.data.caption_dropout,
+            seed=cfg.seed, validate=cfg.data.validate, progress=progress and main,
+        )
     skipped = len(dataset.skipped)
     if main:
         msg = f"genvl: {len(dataset)} image-text pairs from {data_path} ({dataset.format})"

@@ -158,3 +158,41 @@ def test_lm_trains_on_the_real_vqvae(shapes_dir, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(target)
     assert main(["caption", str(target), "--model", str(out)]) == 0
     assert capsys.readouterr().out.startswith(f"{target}\t")
+
+
+def test_lm_trains_from_a_tokenized_set(shapes_dir, tmp_path, capsys):
+    """genvl data tokenize -> genvl train lm --data codes.safetensors: same batches without the encoder."""
+    from genvl.data import open_image_text
+    from genvl.data.tokenized import TokenizedDataset
+    from genvl.errors import TrainingError
+    from genvl.tokenizers.vqvae import VQVAE, vqvae_config
+    from genvl.training.tasks.clip import CLIPTask
+
+    torch.manual_seed(0)
+    init = tmp_path / "vq"
+    save_model_dir(init, {"vqvae": VQVAE(vqvae_config("tiny", image_size=32))}, tokenizer=tiny_tokenizer(max_len=8))
+    codes = tmp_path / "codes.safetensors"
+    assert main(["data", "tokenize", str(shapes_dir), "--model", str(init), "--out", str(codes)]) == 0
+    capsys.readouterr()
+    ds = TokenizedDataset(codes)
+    images = open_image_text(shapes_dir, image_size=32)
+    vq = open_model_dir(init).load("vqvae")
+    assert len(ds) == len(images) and ds.captions == images.captions
+    assert torch.equal(ds[3]["codes"], vq.encode(images[3]["pixel_values"][None])[0])
+
+    task = LMTask(cfg("max_steps=2"))
+    res = train(task, codes, tmp_path / "run", init=init, progress=False)
+    assert res.step == 2 and (tmp_path / "run" / "lm" / "model.safetensors").is_file()
+    # a batch from codes equals the batch the image path builds
+    batch = task.collate([ds[i] for i in range(4)])
+    assert torch.equal(batch["codes"], vq.encode(torch.stack([images[i]["pixel_values"] for i in range(4)])))
+
+    with pytest.raises(TrainingError, match="needs images"):
+        train(CLIPTask(cfg()), codes, tmp_path / "clip", progress=False)
+    other = tmp_path / "vq2"  # codes of other weights are refused, with the fix named
+    vq2 = VQVAE(vqvae_config("tiny", image_size=32))
+    with torch.no_grad():
+        next(vq2.parameters()).add_(0.01)
+    save_model_dir(other, {"vqvae": vq2}, tokenizer=tiny_tokenizer(max_len=8))
+    with pytest.raises(ConfigError, match="genvl data tokenize"):
+        train(LMTask(cfg("max_steps=1")), codes, tmp_path / "run2", init=other, progress=False)

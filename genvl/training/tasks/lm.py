@@ -90,10 +90,15 @@ class LMTask(Task):
     :class:`~genvl.models.lm.TokenLMConfig` (the layout fields come from the tokenizer and the
     VQ-VAE, ``text_len`` from the recipe's ``text_len``), ``t2i_fraction`` (default 0.5),
     ``cond_drop`` (default 0.1) and ``caption_weight`` (default 1).
+
+    ``--data`` may be images (encoded by the frozen VQ-VAE in every step) or a tokenized set from
+    ``genvl data tokenize`` (a ``.safetensors`` of codes, checked to come from the same VQ-VAE),
+    which skips the encoder.
     """
 
     stage = "lm"
     component = "lm"
+    accepts_tokenized = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -130,7 +135,7 @@ class LMTask(Task):
             self.tokenizer = init.tokenizer()
         else:
             self.tokenizer = train_text_tokenizer(
-                dataset.captions, vocab_size=self.cfg.tokenizer_vocab, model_max_length=self.cfg.text_len
+                getattr(dataset, "all_captions", dataset.captions), vocab_size=self.cfg.tokenizer_vocab, model_max_length=self.cfg.text_len
             )
 
         overrides = dict(self.cfg.model)
@@ -163,11 +168,38 @@ class LMTask(Task):
                 raise ConfigError(f"bad lm model config: {e}") from None
         self.text_len = model.config.text_len
         self.dataset = dataset
+        if getattr(dataset, "format", "") == "tokenized":
+            self._check_tokenized(dataset, init, vq)
         items = [dataset[i] for i in range(min(NUM_FIXED, len(dataset)))]
         captions = getattr(dataset, "captions", None)
-        self.fixed_pixels = torch.stack([it["pixel_values"] for it in items])
+        if "codes" in items[0]:  # a tokenized set: its images are the VQ-VAE's reconstructions
+            with torch.no_grad():
+                self.fixed_pixels = vq.decode_codes(torch.stack([it["codes"] for it in items])).float()
+        else:
+            self.fixed_pixels = torch.stack([it["pixel_values"] for it in items])
         self.fixed_texts = [captions[it["index"]] if captions is not None else it["text"] for it in items]
         return model.train()
+
+    @staticmethod
+    def _check_tokenized(dataset, init, vq) -> None:
+        """The codes must come from this very VQ-VAE (same weights, codebook and grid)."""
+        meta = dataset.set.meta
+        h = dataset.set.codes.shape[1]
+        if int(meta.get("codebook_size", vq.config.codebook_size)) != vq.config.codebook_size or h != vq.latent_size:
+            raise ConfigError(
+                f"{dataset.path}: codes of a {meta.get('codebook_size')}-code, {h}x{h} tokenizer, but the vqvae in "
+                f"{init.path} has {vq.config.codebook_size} codes, {vq.latent_size}x{vq.latent_size}"
+            )
+        want = meta.get("vqvae_sha256")
+        weights = init.path / "vqvae" / "model.safetensors"
+        if want and weights.is_file():
+            from genvl.data.tokenized import _sha256
+
+            if _sha256(weights) != want:
+                raise ConfigError(
+                    f"{dataset.path} was tokenized with other vqvae weights than {weights}; "
+                    f"re-run genvl data tokenize with --model {init.path}"
+                )
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         # The dataset's epoch is current here: set before each epoch's loader (and its workers) starts.
@@ -182,8 +214,12 @@ class LMTask(Task):
             drop.append(forward and (empty or cond_dropped(self.cond_drop, seed, epoch, it["index"])))
         ids = encode_captions(self.tokenizer, texts, self.text_len)
         ids = [[] if d else t for t, d in zip(ids, drop)]
+        if "codes" in items[0]:  # pre-tokenized
+            visual = {"codes": torch.stack([it["codes"] for it in items])}  # (B, h, w)
+        else:
+            visual = {"pixel_values": torch.stack([it["pixel_values"] for it in items])}  # (B, 3, S, S)
         return {
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, S, S)
+            **visual,
             "text_ids": ids,  # B lists of caption ids (empty: unconditional)
             "t2i": t2i,  # B order flags
         }
@@ -194,7 +230,7 @@ class LMTask(Task):
     def loss(self, model, batch):
         lm = getattr(model, "module", model)
         with torch.no_grad():
-            codes = self.vq.encode(batch["pixel_values"])  # (B, h, w)
+            codes = batch["codes"] if "codes" in batch else self.vq.encode(batch["pixel_values"])  # (B, h, w)
             seq = lm.layout.build_batch(batch["text_ids"], codes, batch["t2i"])
         logits = model(seq.input_ids, attention_mask=seq.attention_mask).logits  # (B, L, V)
         loss, image_loss, text_loss = lm_loss(logits, seq.input_ids, seq.image_targets, seq.text_targets,

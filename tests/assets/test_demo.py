@@ -1,0 +1,99 @@
+"""The built-in demo model (genvl/assets/demo) and the script that packages it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genvl.checkpoint import BUILTIN, open_model_dir, save_model_dir
+from genvl.cli import main
+from genvl.sampling.io import read_png_metadata
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = BUILTIN["demo"]
+needs_demo = pytest.mark.skipif(not (DEMO / "genvl.json").is_file(), reason="no built-in demo in this checkout")
+
+
+@needs_demo
+def test_demo_is_complete_small_and_documented():
+    md = open_model_dir("demo")
+    assert md.path == DEMO
+    for name in ("clip", "prior", "decoder"):
+        assert md.has(name) and md.component_kind(name) == "full"
+    size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
+    assert size <= 40 * 2**20, f"the demo takes {size / 2**20:.1f} MB"
+    card = md.card
+    for needle in ("genvl train clip", "genvl train prior", "genvl train decoder", "hardware", "## Metrics",
+                   "prompt_retrieval_accuracy", "clip_score", "fd_clip"):
+        assert needle in card, needle
+
+
+@needs_demo
+def test_default_sample_uses_the_demo(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    args = ["sample", "a red heart", "--out", str(out), "--num-images", "1", "--steps", "4", "--prior-steps", "4",
+            "--seed", "5", "--no-progress"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    meta = read_png_metadata(out)
+    assert meta["model"] == str(DEMO) and meta["prompt"] == "a red heart"
+    pixels = np.asarray(Image.open(out).convert("RGB"))
+    md = open_model_dir(DEMO)
+    size = md.load("decoder").config.image_size
+    assert pixels.shape == (size, size, 3) and pixels.std() > 5  # an image, not a flat colour
+
+
+def _tiny_run(path: Path, names: tuple[str, ...], tok) -> None:
+    from genvl.models.clip import CLIP, clip_config
+    from genvl.models.decoder import Decoder, decoder_config
+    from genvl.models.prior import DiffusionPrior, prior_config
+
+    make = {
+        "clip": lambda: CLIP(clip_config("tiny", text={"vocab_size": len(tok), "max_position_embeddings": 8,
+                                                       "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3})),
+        "prior": lambda: DiffusionPrior(prior_config("tiny", embed_dim=32, text_width=32, text_len=8)),
+        "decoder": lambda: Decoder(decoder_config("tiny", image_size=16)),
+    }
+    save_model_dir(path, {n: make[n]() for n in names}, tokenizer=tok)
+
+
+def test_package_demo_script(tmp_path):
+    from genvl.tokenizers.text import train_text_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_text_tokenizer(["a red heart", "a cat face"] * 5, vocab_size=300, model_max_length=8)
+    run, extra = tmp_path / "run", tmp_path / "extra"
+    _tiny_run(run, ("clip", "prior", "decoder"), tok)
+    (run / "train").mkdir()
+    (run / "train" / "big.bin").write_bytes(b"0" * 1000)  # training leftovers stay behind
+    _tiny_run(extra, ("clip",), tok)  # shares the tokenizer; its clip is skipped (the run has one)
+    meta = json.loads((extra / "genvl.json").read_text())
+    meta["components"]["sr"] = meta["components"]["clip"]  # stand-in for an extra component
+    (extra / "genvl.json").write_text(json.dumps(meta))
+    import shutil
+
+    shutil.copytree(extra / "clip", extra / "sr")
+    dest = tmp_path / "demo"
+    script = ROOT / "scripts" / "package_demo.py"
+    res = subprocess.run([sys.executable, str(script), str(run), str(dest), "--extra", str(extra), "--half"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not (dest / "train").exists() and (dest / "README.md").is_file()
+    md = open_model_dir(dest)
+    assert set(md.components) == {"clip", "prior", "decoder", "sr"}
+    full, half = open_model_dir(run).load("decoder"), md.load("decoder")
+    for k, v in full.state_dict().items():  # float16 storage, float32 again after loading
+        assert half.state_dict()[k].dtype == v.dtype
+        torch.testing.assert_close(half.state_dict()[k], v, atol=1e-3, rtol=1e-3)
+    assert "built-in demo" in md.card
+
+    other = tmp_path / "other"  # another tokenizer cannot join
+    _tiny_run(other, ("clip",), train_text_tokenizer(["x y z"] * 5, vocab_size=280, model_max_length=8))
+    res = subprocess.run([sys.executable, str(script), str(run), str(tmp_path / "d2"), "--extra", str(other)],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "tokenizer differs" in res.stderr
