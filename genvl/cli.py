@@ -283,20 +283,36 @@ def _read_classes(args) -> list[str]:
     return [c for c in args.classes.split(",")]
 
 
+def _classify_options(args) -> dict:
+    """Scoring settings shared by classify and evaluate zero-shot (checked before any model loads)."""
+    from genvl.classify import parse_schedule
+
+    schedule = parse_schedule(args.schedule) if getattr(args, "schedule", None) else None
+    return {"samples": args.samples, "schedule": schedule, "seed": args.seed}
+
+
+def _temperature(args, md, method: str) -> float:
+    """--temperature, else the model directory's fitted one (genvl.json "classify"), else the method default."""
+    from genvl.classify import DEFAULT_TEMPERATURES
+    from genvl.classify.base import check_temperature
+
+    if getattr(args, "temperature", None) is not None:
+        return check_temperature(args.temperature)
+    fitted = md.meta.get("classify", {}).get("temperature", {})
+    return float(fitted.get(method, DEFAULT_TEMPERATURES[method]))
+
+
 def cmd_classify(args) -> int:
-    from genvl.classify import CLIPClassifier, classify, expand_classes
+    from genvl.classify import classify, expand_classes, load_classifier
 
     classes = _read_classes(args)
     expand_classes(classes, args.template)  # check names and template before loading anything
+    opts = _classify_options(args)
     md = _model_dir(args.model, "classification")
-    if args.method != "clip":
-        raise GenvlError(f"--method {args.method} is not available in this version of genvl (available: clip)")
-    md.require("clip", purpose="--method clip")
     device = _device(args.device)
-    clip = md.load("clip", device=device)
-    clf = CLIPClassifier(clip, md.tokenizer(), device=device)
-    images = _load_images(args.images, clip.config.image_size)
-    res = classify(clf, images, classes, template=args.template)
+    clf = load_classifier(md, args.method, device=device, **opts)
+    images = _load_images(args.images, clf.image_size)
+    res = classify(clf, images, classes, template=args.template, temperature=_temperature(args, md, args.method))
     rows = []
     width = max(len(c) for c in res.classes)
     for path, probs in zip(args.images, res.probs.tolist()):
@@ -305,14 +321,17 @@ def cmd_classify(args) -> int:
         for c, p in sorted(zip(res.classes, probs), key=lambda t: -t[1]):
             print(f"  {c:<{width}}  {p:6.1%}")
         rows.append({"image": path, "prediction": res.classes[best], "probs": dict(zip(res.classes, probs))})
+    print(f"method {args.method}: {res.evals_per_image:g} model evaluations per image, temperature {res.temperature:g}")
     if args.json:
         Path(args.json).write_text(json.dumps({"method": args.method, "evals_per_image": res.evals_per_image,
-                                               "results": rows}, indent=2) + "\n")
+                                               "temperature": res.temperature, "results": rows}, indent=2) + "\n")
     return 0
 
 
 # --------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args) -> int:
+    if args.kind == "zero-shot":
+        return _evaluate_zero_shot(args)
     if args.kind == "generation":
         return _evaluate_generation(args)
     if args.kind == "reconstruction":
@@ -320,7 +339,7 @@ def cmd_evaluate(args) -> int:
     if args.kind != "retrieval":
         raise GenvlError(
             f"evaluate {args.kind} is not available in this version of genvl (available: retrieval, generation, "
-            "reconstruction)"
+            "reconstruction, zero-shot)"
         )
     if args.data is None:
         raise GenvlError("evaluate retrieval needs --data PATH (an image-text dataset)")
@@ -384,6 +403,70 @@ def _evaluate_reconstruction(args) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_record:
         record_metrics(md.path, "reconstruction", metrics, {"data": str(args.data), "n": n})
+    return 0
+
+
+def _evaluate_zero_shot(args) -> int:
+    """Accuracy, per-class accuracy, confusion, evaluations per image, time and ECE on a labelled folder."""
+    import time
+
+    import torch
+
+    from genvl.checkpoint import record_metrics
+    from genvl.classify import cross_fit_temperature, expand_classes, load_classifier, supported_methods, zero_shot_metrics
+    from genvl.data.labelled import open_labelled
+
+    if args.data is None:
+        raise GenvlError("evaluate zero-shot needs --data DIR (a labelled folder: DIR/CLASS_NAME/*.png)")
+    opts = _classify_options(args)
+    md = _model_dir(args.model, "zero-shot evaluation")
+    if args.methods:
+        methods = supported_methods(md) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+        if not methods:
+            raise GenvlError(f"{md.path} supports no zero-shot method (it has: {', '.join(md.components) or 'none'})")
+    else:
+        methods = [args.method]
+    device = _device(args.device)
+    classifiers = {m: load_classifier(md, m, device=device, **opts) for m in methods}  # fail early on any
+    data = open_labelled(args.data, limit=args.limit)
+    prompts = expand_classes(data.classes, args.template)
+    n = len(data)
+    print(f"zero-shot on {n} images, {len(data.classes)} classes from {args.data} ({len(data.skipped)} unreadable "
+          f"skipped)")
+    results = {}
+    for m, clf in classifiers.items():
+        images = data.pixels(clf.image_size)
+        t0 = time.perf_counter()
+        scores = torch.cat([clf.scores(images[i:i + args.batch_size], prompts) for i in range(0, n, args.batch_size)])
+        seconds = time.perf_counter() - t0
+        temp = _temperature(args, md, m)
+        met = zero_shot_metrics(scores, data.labels, data.classes, temp)
+        t_fit, ece_cal = cross_fit_temperature(scores, data.labels)
+        results[m] = {**met, "evals_per_image": clf.evals_per_image(len(prompts)), "seconds": seconds,
+                      "seconds_per_image": seconds / n, "temperature": temp, "temperature_fitted": t_fit,
+                      "ece_calibrated": ece_cal}
+    print(f"{'method':<10} {'accuracy':>8} {'ECE':>6} {'ECE(fit)':>8} {'T':>6} {'T fit':>7} {'evals/img':>9} "
+          f"{'s/img':>8}")
+    for m, r in results.items():
+        print(f"{m:<10} {r['accuracy']:8.3f} {r['ece']:6.3f} {r['ece_calibrated']:8.3f} {r['temperature']:6.3g} "
+              f"{r['temperature_fitted']:7.3g} {r['evals_per_image']:9g} {r['seconds_per_image']:8.4f}")
+    width = max(len(c) for c in data.classes)
+    for m, r in results.items():
+        print(f"\n{m}: per-class accuracy and confusion (rows: true, columns: predicted)")
+        for i, c in enumerate(data.classes):
+            acc = r["per_class_accuracy"][c]
+            cells = " ".join(f"{v:4d}" for v in r["confusion"][i])
+            print(f"  {c:<{width}}  {'-' if acc is None else f'{acc:.3f}':>6}  {cells}")
+    out = {"kind": "zero-shot", "model": str(md.path), "data": str(args.data), "n": n, "classes": data.classes,
+           "prompts": prompts, "skipped": len(data.skipped), "device": device, "methods": results,
+           "settings": {"samples": args.samples, "schedule": args.schedule, "seed": args.seed, "template": args.template}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if not args.no_record:
+        for m, r in results.items():
+            values = {k: r[k] for k in ("accuracy", "ece", "ece_calibrated", "temperature_fitted", "evals_per_image",
+                                        "seconds_per_image")}
+            record_metrics(md.path, f"zero-shot {m}", values, {"data": str(args.data), "n": n})
     return 0
 
 
@@ -664,6 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--classes-file", help="file with one class name per line")
     k.add_argument("--template", help="prompt template with {} for the class name, e.g. \"a photo of a {}\"")
     k.add_argument("--method", choices=["clip", "diffusion", "prior", "ar"], default="clip", help="scoring method")
+    k.add_argument("--samples", type=_positive_int, help="diffusion / prior: (t, noise) samples per class "
+                   "(default 32 / 64)")
+    k.add_argument("--schedule", help="diffusion / prior: adaptive elimination, samples:keep per stage, e.g. 8:5,32:1")
+    k.add_argument("--seed", type=int, default=0, help="seed of the shared (t, noise) samples")
+    k.add_argument("--temperature", type=float, help="softmax temperature (default: the model's fitted one, else "
+                   "the method's default)")
     k.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     k.add_argument("--json", help="also write the results to this JSON file")
     k.set_defaults(func=cmd_classify)
@@ -675,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "              (with --data) the Frechet distance in CLIP space to real images\n"
                        "  reconstruction: PSNR, codebook usage and code perplexity of the VQ-VAE on held-out\n"
                        "              images (--data)\n"
+                       "  zero-shot:  accuracy, per-class accuracy, confusion, ECE, evaluations and time per image of\n"
+                       "              --method (or --methods all) on a labelled folder --data DIR/CLASS_NAME/*.png\n"
                        "The figures are also stored in the model card unless --no-record.")
     e.add_argument("kind", choices=["retrieval", "generation", "zero-shot", "reconstruction"])
     e.add_argument("--model", help="model directory (default: the built-in demo)")
@@ -689,6 +780,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scheduler", help="generation: ddpm, ddim or dpm++ (default: model's, else ddim)")
     e.add_argument("--seed", type=int, default=0, help="generation: first seed (prompt i uses seed + i)")
     e.add_argument("--json", help="write the results to this JSON file")
+    e.add_argument("--method", choices=["clip", "diffusion", "prior", "ar"], default="clip",
+                   help="zero-shot: scoring method")
+    e.add_argument("--methods", help="zero-shot: comma-separated methods, or 'all' (every method the model supports)")
+    e.add_argument("--template", help="zero-shot: prompt template with {} for the class name")
+    e.add_argument("--samples", type=_positive_int, help="zero-shot diffusion / prior: (t, noise) samples per class")
+    e.add_argument("--schedule", help="zero-shot diffusion / prior: adaptive elimination, e.g. 8:5,32:1")
+    e.add_argument("--temperature", type=float, help="zero-shot: softmax temperature (default: model's / method's)")
     e.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
     e.add_argument("--batch-size", type=_positive_int, default=64)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")

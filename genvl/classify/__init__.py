@@ -1,11 +1,34 @@
 """Zero-shot classification: one scoring interface over several methods.
 
 ``scores(images, class_prompts) -> (N, C)`` log-scores; :func:`classify` turns them into
-probabilities. The CLIP baseline is here; the generative methods (diffusion, prior, AR) use the
-same interface.
+probabilities with a per-method softmax temperature (:data:`DEFAULT_TEMPERATURES`,
+:func:`fit_temperature`). Methods: the CLIP baseline, the pixel decoder's denoising error
+(:class:`DiffusionClassifier`), the prior's denoising error in CLIP space (:class:`PriorClassifier`)
+and the token LM's likelihood of the image's codes (:class:`ARClassifier`).
 """
 
-from genvl.classify.base import ClassifyResult, classify, expand_classes
+from genvl.classify.ar import ARClassifier
+from genvl.classify.base import (
+    DEFAULT_TEMPERATURES,
+    ClassifyResult,
+    Scorer,
+    classify,
+    cross_fit_temperature,
+    expand_classes,
+    expected_calibration_error,
+    fit_temperature,
+    zero_shot_metrics,
+)
 from genvl.classify.clip import CLIPClassifier
+from genvl.classify.diffusion import ClassConditions, DiffusionClassifier, PriorConditioner, timestep_weights
+from genvl.classify.load import METHODS, REQUIRES, load_classifier, supported_methods
+from genvl.classify.montecarlo import adaptive_scores, parse_schedule, schedule_evals, shared_pairs
+from genvl.classify.prior import PriorClassifier
 
-__all__ = ["CLIPClassifier", "ClassifyResult", "classify", "expand_classes"]
+__all__ = [
+    "ARClassifier", "CLIPClassifier", "ClassConditions", "ClassifyResult", "DEFAULT_TEMPERATURES",
+    "DiffusionClassifier", "METHODS", "PriorClassifier", "PriorConditioner", "REQUIRES", "Scorer",
+    "adaptive_scores", "classify", "cross_fit_temperature", "expand_classes", "expected_calibration_error",
+    "fit_temperature", "load_classifier", "parse_schedule", "schedule_evals", "shared_pairs",
+    "supported_methods", "timestep_weights", "zero_shot_metrics",
+]
