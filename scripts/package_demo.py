@@ -81,10 +81,12 @@ def main(argv=None) -> int:
     meta["description"] = (
         "The built-in demo of genvl: DALL-E 2 style text-to-image at 32 px, trained from scratch on the "
         "7,572 captioned emoji of `genvl data emoji` (Noto: Apache-2.0, Twemoji: CC-BY-4.0) with the recipes "
-        "`configs/demo-*.yaml`. It draws emoji-like images for prompts that name emoji "
-        "(\"a red heart\", \"a cat face\", \"a slice of pizza\"); prompts outside that domain give the "
-        "nearest emoji it knows. Rebuild it with `bash scripts/build_demo.sh` (the commands below, one "
-        "stage after another)." + extra
+        "`configs/demo-*.yaml`. For prompts that name emoji (\"a red heart\", \"a cat face\", \"a slice of "
+        "pizza\") it draws the colours and coarse shapes of those emoji; its 4.4M-parameter decoder, trained "
+        "about an hour on a 2-core CPU, is still under-trained, so details are rough. Prompts outside that "
+        "domain give the nearest emoji it knows. Rebuild it with `bash scripts/build_demo.sh` (the "
+        "commands below, one stage after another; the decoder's second command continued it from its "
+        "step-4000 checkpoint). Recommended sampling settings are in `genvl.json` (`sampling`)." + extra
     )
     write_meta(tmp, meta)
     write_model_card(tmp, meta)
