@@ -57,9 +57,14 @@ def test_bad_values_one_line_exit_2(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1, err
 
 
-def test_sample_without_model_says_so(capsys):
+def test_sample_without_model_says_so(capsys, tmp_path, monkeypatch):
+    import genvl.cli
+
+    monkeypatch.setattr(genvl.cli, "DEMO_DIR", tmp_path / "no-demo")  # an install without the demo
+    monkeypatch.chdir(tmp_path)
     assert main(["sample", "a corgi in a sushi house"]) == 0
     assert "no text-to-image model yet" in capsys.readouterr().err
+    assert not (tmp_path / "samples").exists()  # nothing written
 
 
 def test_train_evaluate_classify_info(shapes_dir, tmp_path, capsys):
