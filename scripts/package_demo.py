@@ -96,6 +96,7 @@ def main(argv=None) -> int:
         sys.exit(f"the demo would take {size:.1f} MB, over the {LIMIT_MB} MB limit")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+    write_model_card(dest, meta)  # the card is titled after its folder
     print(f"demo model: {dest} ({size:.1f} MB)")
     return 0
 
