@@ -343,7 +343,6 @@ def cmd_evaluate(args) -> int:
         )
     if args.data is None:
         raise GenvlError("evaluate retrieval needs --data PATH (an image-text dataset)")
-    from genvl.checkpoint import record_metrics
     from genvl.data import open_image_text
     from genvl.evaluation.embeddings import embed_pairs
     from genvl.evaluation.retrieval import chance_recall, retrieval_metrics
@@ -370,17 +369,23 @@ def cmd_evaluate(args) -> int:
         if "@" in k:
             chance = f"{chance_recall(n, int(k.split('@')[1])):8.2f}"
         print(f"{k:<24} {v:8.2f} {chance}")
-    result = {"kind": "retrieval", "model": str(md.path), "data": str(args.data), "n": n, "metrics": metrics}
+    _save_evaluation(args, md, "retrieval", metrics, n)
+    return 0
+
+
+def _save_evaluation(args, md, kind: str, metrics: dict, n: int) -> None:
+    """--json FILE gets the results; the model card gets them unless --no-record."""
+    from genvl.checkpoint import record_metrics
+
+    result = {"kind": kind, "model": str(md.path), "data": str(args.data), "n": n, "metrics": metrics}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_record:
-        record_metrics(md.path, "retrieval", metrics, {"data": str(args.data), "n": n})
-    return 0
+        record_metrics(md.path, kind, metrics, {"data": str(args.data), "n": n})
 
 
 def _evaluate_reconstruction(args) -> int:
     """PSNR, codebook usage and perplexity of the model's VQ-VAE on held-out images."""
-    from genvl.checkpoint import record_metrics
     from genvl.data import open_image_text
     from genvl.evaluation.reconstruction import evaluate_reconstruction
 
@@ -398,11 +403,7 @@ def _evaluate_reconstruction(args) -> int:
     print(f"{'metric':<16} {'value':>10}")
     for k, v in metrics.items():
         print(f"{k:<16} {v:10.4g}")
-    result = {"kind": "reconstruction", "model": str(md.path), "data": str(args.data), "n": n, "metrics": metrics}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if not args.no_record:
-        record_metrics(md.path, "reconstruction", metrics, {"data": str(args.data), "n": n})
+    _save_evaluation(args, md, "reconstruction", metrics, n)
     return 0
 
 
