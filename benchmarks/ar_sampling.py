@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
     p.add_argument("--skip", default="", help="comma-separated method names to leave out")
-    p.add_argument("--json", default="ar_sampling.json", help="where to write the results")
+    p.add_argument("--json", default="benchmarks/results/ar_sampling.json", help="where to write the results")
     args = p.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

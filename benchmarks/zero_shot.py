@@ -16,6 +16,7 @@ random inputs. Writes a PNG (accuracy vs evaluations per image, log x) and JSON 
 
     python benchmarks/zero_shot.py --make-shapes /tmp/shapes_lab             # a 4-class labelled folder
     python benchmarks/zero_shot.py --make-digits /tmp/digits                 # sklearn's digits (if installed)
+    python benchmarks/zero_shot.py --make-emoji /tmp/emoji10 --emoji-data data/emoji   # 10 emoji classes
     python benchmarks/zero_shot.py --model DIR --data /tmp/shapes_lab --limit 40 --device cpu
 """
 
@@ -87,6 +88,43 @@ def make_digits(out: Path, size: int = 32) -> None:
         Image.fromarray(g).convert("RGB").resize((size, size), Image.Resampling.NEAREST).save(folder / f"{i:04d}.png")
 
 
+#: The ten classes of ``--make-emoji``: the head noun of an emoji's name (the last word before
+#: " with "), so "smiling cat with heart-eyes" is a cat and "heart with arrow" a heart.
+EMOJI_CLASSES = ("cat", "heart", "clock", "moon", "square", "arrow", "hand", "tree", "car", "book")
+
+
+def emoji_head(name: str) -> str:
+    head = name.split(" with ")[0].strip().split(" ")[-1]
+    return "clock" if head.endswith("o’clock") or head.endswith("o'clock") else head
+
+
+def make_emoji(out: Path, emoji_data: Path, per_class: int = 10, size: int = 32) -> None:
+    """A 10-class labelled folder from a ``genvl data emoji`` folder: the first ``per_class`` images
+    (in the folder's order) whose name's head noun is one of :data:`EMOJI_CLASSES`; skin-tone
+    variations are left out."""
+    from PIL import Image
+
+    counts = dict.fromkeys(EMOJI_CLASSES, 0)
+    meta = emoji_data / "metadata.jsonl"
+    if not meta.is_file():
+        raise SystemExit(f"{meta} not found: build it with `genvl data emoji {emoji_data}`")
+    for line in meta.read_text().splitlines():
+        row = json.loads(line)
+        texts = row["text"] if isinstance(row["text"], list) else [row["text"]]
+        if "skin tone" in texts[0]:
+            continue
+        name = texts[0].split(",")[0]  # "grinning cat, smiling cat face ..., google noto style"
+        head = emoji_head(name)
+        if head in counts and counts[head] < per_class:
+            (out / head).mkdir(parents=True, exist_ok=True)
+            img = Image.open(emoji_data / row["file_name"]).convert("RGBA")
+            bg = Image.new("RGBA", img.size, "white")
+            bg.alpha_composite(img)
+            bg.convert("RGB").resize((size, size), Image.Resampling.BICUBIC).save(out / head / f"{counts[head]:03d}.png")
+            counts[head] += 1
+    print("images per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
 def run_point(clf, data, prompts, batch: int) -> dict:
     images = data.pixels(clf.image_size)
     t0 = time.perf_counter()
@@ -140,7 +178,11 @@ def main() -> None:
     p.add_argument("--data", help="labelled folder DIR/CLASS_NAME/*.png")
     p.add_argument("--make-shapes", metavar="OUT", help="write a 4-class shapes labelled folder and exit")
     p.add_argument("--make-digits", metavar="OUT", help="write scikit-learn's digits as a labelled folder and exit")
+    p.add_argument("--make-emoji", metavar="OUT", help="write 10 emoji classes as a labelled folder and exit")
+    p.add_argument("--emoji-data", default="data/emoji", help="the `genvl data emoji` folder for --make-emoji")
+    p.add_argument("--per-class", type=int, default=10, help="images per class for --make-emoji")
     p.add_argument("--limit", type=int, help="first N images (classes balanced)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the model's methods (default: all)")
     p.add_argument("--template", default=None, help="prompt template with {}")
     p.add_argument("--budgets", default="2,4,8,16", help="naive diffusion / prior samples per class")
     p.add_argument("--schedules", default="2:2,6:1;4:2,12:1", help="adaptive schedules, ';'-separated")
@@ -148,7 +190,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=64, help="rows per forward in the throughput test")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="zero_shot", help="output prefix: OUT.json and OUT.png")
+    p.add_argument("--out", default="benchmarks/results/zero_shot", help="output prefix: OUT.json and OUT.png")
     args = p.parse_args()
     if args.make_shapes:
         make_shapes(Path(args.make_shapes))
@@ -158,13 +200,23 @@ def main() -> None:
         make_digits(Path(args.make_digits))
         print(f"wrote {args.make_digits}")
         return
+    if args.make_emoji:
+        make_emoji(Path(args.make_emoji), Path(args.emoji_data), args.per_class)
+        print(f"wrote {args.make_emoji}")
+        return
     if not (args.model and args.data):
-        p.error("--model and --data are required (or --make-shapes / --make-digits)")
+        p.error("--model and --data are required (or --make-shapes / --make-digits / --make-emoji)")
     device = torch.device(args.device)
     md = open_model_dir(args.model)
     data = open_labelled(args.data, limit=args.limit)
     prompts = expand_classes(data.classes, args.template)
     methods = supported_methods(md)
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in methods]
+        if unknown:
+            p.error(f"{md.path} supports {methods}, not {unknown}")
+        methods = [m for m in methods if m in wanted]
     budgets = [int(b) for b in args.budgets.split(",")]
     points = []
     print(f"device: {device_name(device)}; {len(data)} images, {len(data.classes)} classes; methods: {methods}")

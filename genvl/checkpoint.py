@@ -52,7 +52,7 @@ def _import_components() -> None:
     import importlib
 
     for module in ("genvl.models.clip", "genvl.models.prior", "genvl.models.decoder", "genvl.tokenizers.vqvae",
-                   "genvl.models.lm"):
+                   "genvl.models.lm", "genvl.models.interleaved"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -391,7 +391,8 @@ def write_model_card(path: str | Path, meta: dict) -> None:
     lines += [f"- `{meta.get('tokenizer', TOKENIZER_DIR)}/` (text tokenizer)", ""]
     for name, rec in meta.get("training", {}).items():
         lines += [f"## Training: {name}", ""]
-        for key in ("data", "pairs", "skipped", "steps", "batch_size", "samples_seen", "time", "hardware", "final_loss"):
+        for key in ("init", "data", "pairs", "skipped", "steps", "batch_size", "samples_seen", "time", "hardware",
+                    "final_loss"):
             if key in rec:
                 lines.append(f"- {key.replace('_', ' ')}: {_fmt(rec[key])}")
         if rec.get("command"):
@@ -421,6 +422,8 @@ def write_model_card(path: str | Path, meta: dict) -> None:
         if "lm" in meta["components"]:
             use[1:1] = [f'genvl sample --method ar "a red heart" --model {path} --num-images 4',
                         f"genvl caption IMAGE.png --model {path}"]
+        if "interleaved" in meta["components"]:
+            use.insert(1, f'genvl sample --method interleaved "a red heart" --model {path} --seed 0')
         lines += ["## Use", "", "```", *use, "```", ""]
     tmp = path / f".README.md.tmp-{os.getpid()}"
     tmp.write_text("\n".join(lines))

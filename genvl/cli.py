@@ -18,15 +18,33 @@ from genvl.errors import GenvlError
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 
 
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other control or invisible characters escaped (``\\n``,
+    ``\\u202e``), so that an error naming a file or a value stays one line and shows what it names."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2) instead of a usage dump."""
 
     def error(self, message: str):  # noqa: D102
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
+
+    def _get_values(self, action, arg_strings):
+        # argparse (before Python 3.13) drops a "--" given as an option's value (--seed=--) and
+        # hands the option an empty list instead of an error.
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            raise argparse.ArgumentError(action, "expected one argument")
+        return super()._get_values(action, arg_strings)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Raw descriptions; "(default: X)" only where there is a default worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -36,6 +54,23 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {v}")
+    return v
+
+
+def _port(text: str) -> int:
+    v = _positive_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"a port must be in [1, 65535], got {v}")
     return v
 
 
@@ -80,7 +115,8 @@ def _check_sample_args(args) -> None:
 
 # Sampling settings when neither the command line nor the model directory's genvl.json
 # ("sampling": {...}, the settings recommended for that model) gives them.
-SAMPLE_DEFAULTS = {"steps": 50, "prior_steps": 25, "guidance": 3.0, "prior_guidance": 4.0, "scheduler": "ddim"}
+SAMPLE_DEFAULTS = {"steps": 50, "prior_steps": 25, "guidance": 3.0, "prior_guidance": 4.0, "scheduler": "ddim",
+                   "prior_candidates": 1}
 
 
 def _fill_sample_defaults(args, model_defaults: dict) -> None:
@@ -117,6 +153,10 @@ def _load_image_arg(path: str):
 
 
 def cmd_sample(args) -> int:
+    if args.method == "interleaved":
+        return _sample_interleaved(args)
+    if args.prompt_file:
+        raise GenvlError("--prompt-file works with --method interleaved")
     _check_sample_args(args)
     if args.method == "ar":
         return _sample_ar(args)
@@ -129,7 +169,8 @@ def cmd_sample(args) -> int:
         )
         return 0
     if args.method != "unclip":
-        raise GenvlError(f"--method {args.method} is not available in this version of genvl (available: unclip, ar)")
+        raise GenvlError(f"--method {args.method} is not available in this version of genvl "
+                         "(available: unclip, ar, interleaved)")
     device = _device(args.device)
     model_path = Path(args.model) if args.model else DEMO_DIR
 
@@ -183,8 +224,10 @@ def cmd_sample(args) -> int:
         paths = [gif, strip]
     else:
         out = unclip.text_to_image(comps, [args.prompt], num_images=args.num_images, prior_steps=args.prior_steps,
-                                   prior_guidance=args.prior_guidance, **common)
-        meta.update(prompt=args.prompt, prior_steps=args.prior_steps, prior_guidance=args.prior_guidance)
+                                   prior_guidance=args.prior_guidance, prior_candidates=args.prior_candidates,
+                                   **common)
+        meta.update(prompt=args.prompt, prior_steps=args.prior_steps, prior_guidance=args.prior_guidance,
+                    prior_candidates=args.prior_candidates)
         paths = _write_images(to_pil_images(out.images), args, meta, f"{slug(args.prompt)}-s{args.seed}")
     for p in paths:
         print(p)
@@ -272,12 +315,19 @@ def _load_images(paths: list[str], size: int):
     return torch.stack(tensors)
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GenvlError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def _read_classes(args) -> list[str]:
     if args.classes_file:
         p = Path(args.classes_file)
         if not p.is_file():
             raise GenvlError(f"classes file not found: {p}")
-        return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        return [line.strip() for line in _read_text(p).splitlines() if line.strip()]
     if args.classes is None:
         raise GenvlError("give the class names with --classes \"a,b,c\" or --classes-file FILE")
     return [c for c in args.classes.split(",")]
@@ -336,6 +386,8 @@ def cmd_evaluate(args) -> int:
         return _evaluate_generation(args)
     if args.kind == "reconstruction":
         return _evaluate_reconstruction(args)
+    if args.kind == "interleaved":
+        return _evaluate_interleaved(args)
     if args.kind != "retrieval":
         raise GenvlError(
             f"evaluate {args.kind} is not available in this version of genvl (available: retrieval, generation, "
@@ -482,7 +534,7 @@ def _evaluate_generation(args) -> int:
     pfile = Path(args.prompts)
     if not pfile.is_file():
         raise GenvlError(f"prompts file not found: {pfile}")
-    prompts = list(dict.fromkeys(line.strip() for line in pfile.read_text().splitlines() if line.strip()))
+    prompts = list(dict.fromkeys(line.strip() for line in _read_text(pfile).splitlines() if line.strip()))
     if len(prompts) < 2:
         raise GenvlError(f"{pfile}: need at least two distinct prompts, found {len(prompts)}")
     md = _model_dir(args.model, "generation evaluation")
@@ -506,7 +558,8 @@ def _evaluate_generation(args) -> int:
     res = evaluate_generation(comps, prompts, judge=judge, judge_tokenizer=judge_tok, reference=reference,
                               num_images=args.num_images, progress=not args.no_progress, steps=args.steps,
                               prior_steps=args.prior_steps, guidance=args.guidance,
-                              prior_guidance=args.prior_guidance, scheduler=args.scheduler, seed=args.seed)
+                              prior_guidance=args.prior_guidance, scheduler=args.scheduler, seed=args.seed,
+                              prior_candidates=args.prior_candidates)
     images = res.pop("images")
     metrics = {k: res[k] for k in ("clip_score", "prompt_retrieval_accuracy", "fd_clip") if k in res}
     print(f"generation on {len(prompts)} prompts x {args.num_images} images "
@@ -517,7 +570,8 @@ def _evaluate_generation(args) -> int:
     print(f"{'chance_prompt_retrieval':<28} {res['chance_prompt_retrieval']:8.2f}")
     settings = {"steps": args.steps, "prior_steps": args.prior_steps, "guidance": args.guidance,
                 "scheduler": args.scheduler,
-                "prior_guidance": args.prior_guidance, "seed": args.seed, "num_images": args.num_images}
+                "prior_guidance": args.prior_guidance, "prior_candidates": args.prior_candidates, "seed": args.seed,
+                "num_images": args.num_images}
     result = {"kind": "generation", "model": str(md.path), "judge": args.clip or "own", "reference": args.data,
               **res, "prompts": prompts, "metrics": metrics, "settings": settings}
     if args.json:
@@ -544,7 +598,8 @@ def cmd_data(args) -> int:
         from genvl.data.emoji import build_emoji_dataset
 
         styles = tuple(s.strip() for s in args.styles.split(",") if s.strip())
-        res = build_emoji_dataset(args.out, styles=styles, limit=args.limit, progress=not args.no_progress)
+        res = build_emoji_dataset(args.out, styles=styles, limit=args.limit, progress=not args.no_progress,
+                                  skin_tones=not args.no_skin_tones)
         per_style = ", ".join(f"{s} {n} (v{res.versions.get(s, '?')})" for s, n in res.counts.items())
         print(f"genvl: wrote {res.total} captioned emoji images to {res.out_dir} ({per_style}); "
               f"licences in {Path(res.out_dir) / 'LICENSES.md'}")
@@ -578,9 +633,127 @@ def _data_tokenize(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ interleaved
+def _sample_interleaved(args) -> int:
+    """``genvl sample --method interleaved [PROMPT | --prompt-file DOC.jsonl]``: continue a document of
+    text and images; each writes a folder with doc.html, doc.jsonl and PNGs, whose doc.html is printed."""
+    from genvl.sampling.autoregressive import check_sampling
+    from genvl.sampling.interleaved import (
+        DEFAULT_IMAGE_GUIDANCE,
+        InterleavedParts,
+        generate_document,
+        read_prompt_file,
+        write_document,
+    )
+    from genvl.sampling.io import slug
+
+    if args.variations or args.interpolate:
+        raise GenvlError("--variations and --interpolate work with --method unclip, not interleaved")
+    if args.prompt_file and args.prompt:
+        raise GenvlError("give a prompt or --prompt-file, not both")
+    if args.prompt_file:
+        prompts = read_prompt_file(args.prompt_file)
+    elif args.prompt is None or not args.prompt.strip():
+        raise GenvlError("empty prompt: give text, e.g. genvl sample --method interleaved \"a red heart\", "
+                         "or --prompt-file DOC.jsonl")
+    else:
+        prompts = [args.prompt]
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_images < 0:
+        raise GenvlError(f"--max-images must be >= 0, got {args.max_images}")
+    if any(g is not None and g < 0 for g in (args.guidance, args.image_guidance)):
+        raise GenvlError("guidance scales must be >= 0 (1 = no guidance)")
+    device = _device(args.device)
+    md = _model_dir(args.model, "--method interleaved")
+    md.require("interleaved", "clip", "decoder", purpose="--method interleaved")
+    recommended = md.meta.get("sampling", {})
+    _fill_sample_defaults(args, recommended)
+    if args.image_guidance is None:
+        args.image_guidance = float(recommended.get("image_guidance", DEFAULT_IMAGE_GUIDANCE))
+    parts = InterleavedParts.from_model_dir(md, device=device)
+    for n, prompt in enumerate(prompts):
+        out = generate_document(
+            parts, prompt, max_new_tokens=args.max_new_tokens, max_images=args.max_images,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, image_guidance=args.image_guidance,
+            force_image=args.force_image, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+            seed=args.seed, progress=not args.no_progress,
+        )
+        source = f"{args.prompt_file}:{n + 1}" if args.prompt_file else args.prompt
+        first = next((s["text"] for s in out.segments if "text" in s and s["text"].strip()), "document")
+        files = write_document(out, Path(args.out), f"{slug(first, 30)}-s{args.seed}",
+                               {"model": str(md.path), "prompt": source})
+        print(files.html)
+    return 0
+
+
+def _evaluate_interleaved(args) -> int:
+    """Regression error of the interleaved LM on held-out caption -> image pairs (see genvl.evaluation.interleaved)."""
+    from genvl.data import open_image_text
+    from genvl.evaluation.interleaved import evaluate_interleaved, recorded_holdout
+    from genvl.sampling.interleaved import DEFAULT_IMAGE_GUIDANCE
+    from genvl.training.tasks.interleaved import heldout
+
+    if args.data is None:
+        raise GenvlError("evaluate interleaved needs --data PATH (image-text pairs; the model's held-out ones are used)")
+    md = _model_dir(args.model, "interleaved evaluation")
+    md.require("interleaved", "clip", purpose="interleaved evaluation")
+    device = _device(args.device)
+    model, clip, tok = md.load("interleaved", device=device), md.load("clip", device=device), md.tokenizer()
+    ds = open_image_text(args.data, image_size=clip.config.image_size, progress=not args.no_progress)
+    fraction = recorded_holdout(md)
+    indices = [i for i in range(len(ds)) if heldout(ds.image_name(i), fraction)] if fraction > 0 else list(range(len(ds)))
+    if args.limit:
+        indices = indices[: args.limit]
+    if len(indices) < 2:
+        raise GenvlError(f"{args.data}: {len(indices)} held-out pair(s) (model.holdout {fraction}); need at least two")
+    guidance = args.guidance
+    if guidance is None:
+        guidance = float(md.meta.get("sampling", {}).get("image_guidance", DEFAULT_IMAGE_GUIDANCE))
+    metrics = evaluate_interleaved(model, clip, tok, ds, indices, batch_size=args.batch_size, guidance=guidance,
+                                   progress=not args.no_progress)
+    split = f"held-out pairs (model.holdout {fraction:g})" if fraction > 0 else "pairs (the model holds none out)"
+    print(f"interleaved regression on {len(indices)} {split} from {args.data}; image guidance {guidance:g}")
+    print(f"{'metric':<16} {'value':>8}")
+    for k, v in metrics.items():
+        print(f"{k:<16} {v:8.4g}")
+    metrics = {**metrics, "image_guidance": guidance, "holdout": fraction}
+    _save_evaluation(args, md, "interleaved", metrics, len(indices))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- ui
 def cmd_ui(args) -> int:
-    raise GenvlError("the streamlit UI is not available in this version of genvl")
+    """``genvl ui``: serve genvl/ui/app.py with streamlit on localhost until stopped."""
+    import importlib.util
+    import signal
+    import socket
+    import subprocess
+
+    from genvl.ui import APP_PATH, MODEL_ENV
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise GenvlError("the UI needs streamlit: pip install \"genvl[ui]\"")
+    md = _model_dir(args.model, "the UI")  # a bad directory fails here, in one line
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("localhost", args.port))
+        except OSError:
+            raise GenvlError(f"port {args.port} on localhost is in use; pick another with --port N") from None
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_PATH), "--server.address", "localhost",
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none", "--server.runOnSave", "false", "--client.toolbarMode", "minimal"]
+    print(f"genvl ui: serving {md.path} at http://localhost:{args.port} (Ctrl+C stops it)", flush=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, MODEL_ENV: str(md.path)})
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())  # stopping genvl ui stops the server
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return code if code >= 0 else 128 - code
 
 
 # --------------------------------------------------------------------------------- autoregressive
@@ -676,14 +849,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a prompt", formatter_class=_Formatter,
                        description="Generate images from a text prompt. Without --model the built-in demo model is used.")
-    s.add_argument("prompt", nargs="?", help="the text to draw")
+    s.add_argument("prompt", nargs="?", help="the text to draw (--method interleaved: the start of the document)")
     s.add_argument("--model", help="model directory, or a diffusers Kandinsky 2.2 / unCLIP directory "
                    "(default: the built-in demo)")
     s.add_argument("--method", choices=["unclip", "ar", "interleaved"], default="unclip", help="generation method")
     s.add_argument("--out", default="samples", help="output folder, or a .png path (several images: a grid)")
     s.add_argument("--num-images", type=_positive_int, default=4, help="images to generate")
     s.add_argument("--grid", action="store_true", help="write several images as one grid PNG")
-    s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same image")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed gives the same image")
     s.add_argument("--steps", type=_positive_int, help="decoder diffusion steps (default: the model's "
                    "recommended setting, else 50)")
     s.add_argument("--prior-steps", type=_positive_int, help="prior diffusion steps (default: model's, else 25)")
@@ -691,6 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's, else 3)")
     s.add_argument("--prior-guidance", type=float, help="prior classifier-free guidance, 1 = none "
                    "(default: model's, else 4)")
+    s.add_argument("--prior-candidates", type=_positive_int, help="embeddings the prior samples per image; the one "
+                   "closest to the prompt's CLIP text embedding is drawn (default: model's, else 1)")
     s.add_argument("--temperature", type=float, default=1.0, help="--method ar: sampling temperature (0 = greedy)")
     s.add_argument("--top-k", type=int, default=0, help="--method ar: sample among the k likeliest codes (0 = all)")
     s.add_argument("--top-p", type=float, default=1.0, help="--method ar: nucleus sampling mass (1 = off)")
@@ -698,6 +873,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(compiles on first use)")
     s.add_argument("--scheduler", help="ddpm, ddim or dpm++ (default: model's, else ddim)")
     s.add_argument("--size", type=int, help="output size in pixels (default: the model's)")
+    s.add_argument("--prompt-file", metavar="DOC.jsonl", help="--method interleaved: prompt documents of text and "
+                   "images (interleaved JSONL, one per line)")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=48, help="--method interleaved: most text tokens "
+                   "to write")
+    s.add_argument("--max-images", type=int, default=1, help="--method interleaved: most images to generate")
+    s.add_argument("--image-guidance", type=float, help="--method interleaved: classifier-free guidance of the "
+                   "regressed image embedding, 1 = none (default: the model's, else 2)")
+    s.add_argument("--force-image", action="store_true", help="--method interleaved: open an image right after "
+                   "the prompt (else the model decides)")
     s.add_argument("--variations", metavar="IMAGE", help="generate variations of this image instead of a prompt")
     s.add_argument("--invert", action="store_true", help="variations start from the DDIM-inverted noise of the image")
     s.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="interpolate between two prompts or images "
@@ -716,7 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Multi-process: accelerate launch --config_file configs/accelerate/ddp.yaml -m genvl train ...")
     t.add_argument("stage", choices=["tokenizer", "clip", "prior", "decoder", "sr", "vqvae", "lm", "interleaved"],
                    help="what to train")
-    t.add_argument("--data", required=True, help="dataset: image folder (metadata.jsonl/csv or .txt captions) or .tar shards")
+    t.add_argument("--data", required=True, help="dataset: image folder (metadata.jsonl/csv or .txt captions) or .tar shards "
+                   "(interleaved: also .jsonl documents; several sources joined with +)")
     t.add_argument("--out", required=True, help="output model directory (also holds checkpoints and logs)")
     t.add_argument("--config", help="recipe YAML (default: the built-in tiny recipe)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
@@ -735,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     c.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    c.add_argument("--seed", type=int, default=0, help="random seed (used when temperature > 0)")
+    c.add_argument("--seed", type=_seed, default=0, help="random seed (used when temperature > 0)")
     c.add_argument("--batch-size", type=_positive_int, default=32, help="images captioned per batch")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     c.set_defaults(func=cmd_caption)
@@ -751,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--samples", type=_positive_int, help="diffusion / prior: (t, noise) samples per class "
                    "(default 32 / 64)")
     k.add_argument("--schedule", help="diffusion / prior: adaptive elimination, samples:keep per stage, e.g. 8:5,32:1")
-    k.add_argument("--seed", type=int, default=0, help="seed of the shared (t, noise) samples")
+    k.add_argument("--seed", type=_seed, default=0, help="seed of the shared (t, noise) samples")
     k.add_argument("--temperature", type=float, help="softmax temperature (default: the model's fitted one, else "
                    "the method's default)")
     k.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
@@ -767,8 +952,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "              images (--data)\n"
                        "  zero-shot:  accuracy, per-class accuracy, confusion, ECE, evaluations and time per image of\n"
                        "              --method (or --methods all) on a labelled folder --data DIR/CLASS_NAME/*.png\n"
+                       "  interleaved: cosine / l2 between the image embedding the interleaved LM regresses after a\n"
+                       "              caption and the real image's, on the pairs of --data its training held out\n"
+                       "              (--guidance: guidance of the regressed embedding)\n"
                        "The figures are also stored in the model card unless --no-record.")
-    e.add_argument("kind", choices=["retrieval", "generation", "zero-shot", "reconstruction"])
+    e.add_argument("kind", choices=["retrieval", "generation", "zero-shot", "reconstruction", "interleaved"])
     e.add_argument("--model", help="model directory (default: the built-in demo)")
     e.add_argument("--data", help="image-text dataset (retrieval; reference images for generation's FD)")
     e.add_argument("--prompts", help="generation: file with one prompt per line")
@@ -778,8 +966,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prior-steps", type=_positive_int, help="generation: prior steps (default: model's, else 25)")
     e.add_argument("--guidance", type=float, help="generation: decoder guidance (default: model's, else 3)")
     e.add_argument("--prior-guidance", type=float, help="generation: prior guidance (default: model's, else 4)")
+    e.add_argument("--prior-candidates", type=_positive_int,
+                   help="generation: prior samples per image, the closest to the prompt kept (default: model's, else 1)")
     e.add_argument("--scheduler", help="generation: ddpm, ddim or dpm++ (default: model's, else ddim)")
-    e.add_argument("--seed", type=int, default=0, help="generation: first seed (prompt i uses seed + i)")
+    e.add_argument("--seed", type=_seed, default=0, help="generation: first seed (prompt i uses seed + i)")
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--method", choices=["clip", "diffusion", "prior", "ar"], default="clip",
                    help="zero-shot: scoring method")
@@ -807,6 +997,8 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("out", help="output folder")
     de.add_argument("--styles", default="google,twitter", help="comma-separated: google, twitter")
     de.add_argument("--limit", type=_positive_int, help="at most N images per style")
+    de.add_argument("--no-skin-tones", action="store_true",
+                    help="leave out the skin-tone variations (about half the images; the demo decoder trains without them)")
     de.add_argument("--no-progress", action="store_true")
     dt = dsub.add_parser("tokenize", help="pre-encode a dataset to image codes (with the VQ-VAE)",
                          formatter_class=_Formatter,
@@ -821,9 +1013,11 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_data)
 
-    u = sub.add_parser("ui", help="start the streamlit app", formatter_class=_Formatter)
+    u = sub.add_parser("ui", help="start the streamlit app", formatter_class=_Formatter,
+                       description="Serve the streamlit app on localhost (tabs: Generate, Variations, Interpolate,\n"
+                       "Classify, Model) and print its address; needs pip install \"genvl[ui]\".")
     u.add_argument("--model", help="model directory (default: the built-in demo)")
-    u.add_argument("--port", type=_positive_int, default=8501)
+    u.add_argument("--port", type=_port, default=8501, help="localhost port to serve on")
     u.set_defaults(func=cmd_ui)
 
     i = sub.add_parser("info", help="what a model directory holds", formatter_class=_Formatter)
@@ -840,15 +1034,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GenvlError as e:
-        print(f"genvl {args.command}: error: {e}", file=sys.stderr)
+        print(f"genvl {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("genvl: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: say so in one line, the traceback on request
+        if isinstance(e, OSError) and e.filename is not None:  # a path that cannot be read or written
+            print(f"genvl {args.command}: error: {_one_line(f'{e.filename}: {e.strerror or e}')}", file=sys.stderr)
+            return 2
         if os.environ.get("GENVL_DEBUG"):
             raise
-        msg = str(e).splitlines()[0] if str(e) else ""
+        msg = _one_line(str(e).splitlines()[0]) if str(e).strip() else ""
         print(f"genvl {args.command}: internal error: {type(e).__name__}: {msg} (set GENVL_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -116,12 +117,17 @@ def load_config(cls: type[T], path: str | Path) -> T:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (or JSON for a ``.json`` path), via a temporary file renamed into place.
+
+    A run killed while writing leaves the old file or the new one, never an empty one (which
+    ``load_config`` would read as "all defaults" when the run is resumed).
+    """
     path = Path(path)
     data = to_dict(cfg)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(data, indent=2) + "\n")
-    else:
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def apply_overrides(cfg: T, overrides: list[str] | None) -> T:

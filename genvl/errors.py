@@ -23,3 +23,13 @@ class ModelDirError(GenvlError):
 
 class TrainingError(GenvlError):
     """A training run that cannot go on (for example, a non-finite loss)."""
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line on why a file failed to load: the first line of ``e``, or, for a pickle that
+    ``torch.load(weights_only=True)`` refused, that it was refused."""
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):
+        return "refused a pickle that holds more than tensors (loading it could run code)"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

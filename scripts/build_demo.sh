@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Rebuild the built-in demo model (genvl/assets/demo) from scratch with genvl's own commands.
-# About 1.5 hours on a 2-core CPU (CLIP ~9 min, prior ~14, decoder ~65, judge CLIP ~3);
+# About 3 hours on a 2-core CPU (CLIP ~9 min, prior ~14, decoder ~65 + ~70, token LM ~30, interleaved ~10, judge ~3);
 # a GPU makes it minutes. Run from the repository root:
 #   bash scripts/build_demo.sh [RUN_DIR]
+# Directories: RUN (clip, prior, first decoder), RUN2 (the text-to-image model that ships),
+# RUN-ar / RUN-ar2 (VQ-VAE and token LM), RUN-interleaved (added to the demo), RUN-judge (evaluation only).
 set -euo pipefail
 RUN=${1:-runs/demo}
+T2I=${RUN}2
 [ -f data/emoji/metadata.jsonl ] || genvl data emoji data/emoji
+[ -f data/emoji-base/metadata.jsonl ] || genvl data emoji data/emoji-base --no-skin-tones
 # text-to-image (DALL-E 2 style): CLIP core, prior, decoder, one directory
 genvl train clip    --data data/emoji --out "$RUN" --config configs/demo-clip.yaml
 genvl train prior   --data data/emoji --init "$RUN" --out "$RUN" --config configs/demo-prior.yaml
@@ -13,26 +17,32 @@ genvl train decoder --data data/emoji --init "$RUN" --out "$RUN" --config config
 # the shipped decoder then trained 1,500 steps more (a second cosine cycle from the step-4000 checkpoint)
 genvl train decoder --data data/emoji --init "$RUN" --out "$RUN" --config configs/demo-decoder.yaml \
     --resume latest --set max_steps=5500
+# then 5,000 steps more on the emoji without skin-tone variations (each object seen twice as often)
+genvl train decoder --data data/emoji-base --init "$RUN" --out "$T2I" --config configs/demo-decoder-base.yaml
 # recommended sampling settings (measured with the sweep in the model card): decoder guidance 1.5, prior 2
-python - "$RUN" <<'PY'
+python - "$T2I" <<'PY'
 import json, sys
 p = f"{sys.argv[1]}/genvl.json"
 m = json.load(open(p))
-m["sampling"] = {"steps": 50, "prior_steps": 25, "guidance": 1.5, "prior_guidance": 2.0, "scheduler": "ddim"}
+m["sampling"] = {"steps": 50, "prior_steps": 25, "guidance": 1.5, "prior_guidance": 2.0, "scheduler": "ddim",
+                 "prior_candidates": 8}
 json.dump(m, open(p, "w"), indent=2)
 PY
-# autoregressive (Parti style): VQ-VAE + token LM sharing the CLIP's text tokenizer (GENVL_DEMO_AR=1;
-# not in the shipped demo yet)
-if [ "${GENVL_DEMO_AR:-0}" = 1 ]; then
-  genvl train vqvae   --data data/emoji --init "$RUN" --out "$RUN-ar" --config configs/demo-vqvae.yaml
-  genvl train lm      --data data/emoji --init "$RUN-ar" --out "$RUN-ar" --config configs/demo-lm.yaml
-  genvl evaluate reconstruction --model "$RUN-ar" --data data/emoji --limit 1000
-fi
+# autoregressive (Parti style): VQ-VAE + token LM sharing the CLIP's text tokenizer, on pre-encoded codes;
+# the LM's second command continues it with a fresh schedule
+genvl train vqvae   --data data/emoji --init "$RUN" --out "$RUN-ar" --config configs/demo-vqvae.yaml
+genvl evaluate reconstruction --model "$RUN-ar" --data data/emoji --limit 1000
+genvl data tokenize data/emoji --model "$RUN-ar" --out data/emoji-codes.safetensors
+genvl train lm      --data data/emoji-codes.safetensors --init "$RUN-ar" --out "$RUN-ar" --config configs/demo-lm.yaml
+genvl train lm      --data data/emoji-codes.safetensors --init "$RUN-ar" --out "$RUN-ar2" --config configs/demo-lm.yaml \
+    --set max_steps=1500 --set warmup_steps=100
+# interleaved (Emu style): one causal LM over text and regressed CLIP image embeddings, drawn by the decoder
+genvl train interleaved --data data/emoji --init "$T2I" --out "$RUN-interleaved" --config configs/demo-interleaved.yaml
+genvl evaluate interleaved --model "$RUN-interleaved" --data data/emoji --limit 400
 # an independent judge CLIP for the evaluation (another seed and loss)
 genvl train clip    --data data/emoji --out "$RUN-judge" --config configs/demo-judge-clip.yaml
-genvl evaluate retrieval      --model "$RUN" --data data/emoji --limit 1000
-genvl evaluate generation     --model "$RUN" --prompts configs/demo-prompts.txt --clip "$RUN-judge" \
+genvl evaluate retrieval      --model "$T2I" --data data/emoji --limit 1000
+genvl evaluate generation     --model "$T2I" --prompts configs/demo-prompts.txt --clip "$RUN-judge" \
     --data data/emoji --num-images 4 --seed 0 --json "$RUN-generation.json"
-EXTRA=()
-[ -d "$RUN-ar/lm" ] && EXTRA=(--extra "$RUN-ar")
-python scripts/package_demo.py "$RUN" genvl/assets/demo "${EXTRA[@]}" --half --generation "$RUN-generation.json"
+python scripts/package_demo.py "$T2I" genvl/assets/demo --extra "$RUN-ar2" \
+    --extra "$RUN-interleaved" --half --generation "$RUN-generation.json"

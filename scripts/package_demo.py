@@ -21,6 +21,8 @@ from pathlib import Path
 from genvl.checkpoint import TOKENIZER_DIR, open_model_dir, read_meta, write_meta, write_model_card
 
 LIMIT_MB = 40
+#: The evaluation an added component brings along into the card.
+METRIC_OF = {"vqvae": "reconstruction", "interleaved": "interleaved"}
 
 
 def _to_half(root: Path) -> None:
@@ -32,6 +34,25 @@ def _to_half(root: Path) -> None:
         state = load_file(str(f))
         half = {k: (v.half() if v.dtype == torch.float32 else v) for k, v in state.items()}
         save_file(half, str(f), metadata={"format": "pt", "stored_as": "float16"})
+
+
+def _with_history(name: str, rec: dict) -> dict:
+    """A component's training record, after the record of the run it continued (``--init``) if that
+    directory trained the same component before."""
+    out = {}
+    init = Path(rec.get("init", ""))
+    if rec.get("init") and (init / "genvl.json").is_file():
+        earlier = read_meta(init).get("training", {}).get(name)
+        if earlier and earlier != rec:
+            out[f"{name}, first part"] = earlier
+    out[name] = rec
+    return out
+
+
+def _vocabulary(path: Path) -> dict:
+    """A tokenizer.json without its runtime padding / truncation state (saved as last used)."""
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if k not in ("padding", "truncation")}
 
 
 def main(argv=None) -> int:
@@ -54,10 +75,13 @@ def main(argv=None) -> int:
         shutil.copytree(src / name, tmp / name)
     shutil.copytree(src / md.meta.get("tokenizer", TOKENIZER_DIR), tmp / TOKENIZER_DIR)
     meta = read_meta(src)
-    tok = (tmp / TOKENIZER_DIR / "tokenizer.json").read_text()
+    history = {}
+    for name, rec in meta.get("training", {}).items():
+        history.update(_with_history(name, rec))
+    meta["training"] = history
     for extra_dir in args.extra:
         em = open_model_dir(extra_dir)
-        if (em.path / TOKENIZER_DIR / "tokenizer.json").read_text() != tok:
+        if _vocabulary(em.path / TOKENIZER_DIR / "tokenizer.json") != _vocabulary(tmp / TOKENIZER_DIR / "tokenizer.json"):
             sys.exit(f"{extra_dir}: its tokenizer differs from {src}'s; its components cannot join this model")
         emeta = read_meta(extra_dir)
         for name in em.components:
@@ -66,9 +90,10 @@ def main(argv=None) -> int:
             shutil.copytree(em.path / name, tmp / name)
             meta["components"][name] = emeta["components"][name]
             if name in emeta.get("training", {}):
-                meta.setdefault("training", {})[name] = emeta["training"][name]
-            if name in ("vqvae",) and "reconstruction" in emeta.get("metrics", {}):
-                meta.setdefault("metrics", {})["reconstruction"] = emeta["metrics"]["reconstruction"]
+                meta.setdefault("training", {}).update(_with_history(name, emeta["training"][name]))
+            kind = METRIC_OF.get(name)
+            if kind and kind in emeta.get("metrics", {}):
+                meta.setdefault("metrics", {})[kind] = emeta["metrics"][kind]
     if args.half:
         _to_half(tmp)
     extra = ""
@@ -82,11 +107,16 @@ def main(argv=None) -> int:
         "The built-in demo of genvl: DALL-E 2 style text-to-image at 32 px, trained from scratch on the "
         "7,572 captioned emoji of `genvl data emoji` (Noto: Apache-2.0, Twemoji: CC-BY-4.0) with the recipes "
         "`configs/demo-*.yaml`. For prompts that name emoji (\"a red heart\", \"a cat face\", \"a slice of "
-        "pizza\") it draws the colours and coarse shapes of those emoji; its 4.4M-parameter decoder, trained "
-        "about an hour on a 2-core CPU, is still under-trained, so details are rough. Prompts outside that "
-        "domain give the nearest emoji it knows. Rebuild it with `bash scripts/build_demo.sh` (the "
-        "commands below, one stage after another; the decoder's second command continued it from its "
-        "step-4000 checkpoint). Recommended sampling settings are in `genvl.json` (`sampling`)." + extra
+        "pizza\") it draws the colours and coarse shapes of those emoji: red heart shapes, yellow cat faces "
+        "with ears; its 4.4M-parameter decoder, trained about 2.4 hours on a 2-core CPU (10,500 steps of 32 "
+        "images), is still under-trained, so rarer objects (pizza, rocket) come out as shapeless patches of "
+        "their colours. Prompts outside that domain give the nearest emoji it knows. Rebuild it with "
+        "`bash scripts/build_demo.sh` (the commands below, one stage after another: the decoder's first part "
+        "ran 4,000 steps, then 1,500 more from its step-4000 checkpoint, then 5,000 on the emoji without "
+        "skin-tone variations). Recommended sampling settings are in `genvl.json` (`sampling`); the prior "
+        "draws 8 candidate embeddings per image and keeps the one closest to the prompt. Also inside: a Parti-style "
+        "VQ-VAE (8x8 codes of 512) + token LM (`genvl sample --method ar`, `genvl caption`) and an Emu-style "
+        "interleaved LM (`genvl sample --method interleaved`) trained on the same emoji." + extra
     )
     write_meta(tmp, meta)
     write_model_card(tmp, meta)

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from genvl.errors import GenvlError
+from genvl.tokenizers.text import check_text
 
 # Default softmax temperature per method (``probs = softmax(scores / T)``). Every score is (a bound
 # on) a log-likelihood in nats, or a trained logit, so T = 1 is the Bayes choice for an exact model:
@@ -67,6 +68,8 @@ def expand_classes(classes: list[str], template: str | None = None) -> list[str]
     classes = [c.strip() for c in classes]
     if any(not c for c in classes):
         raise GenvlError("empty class name in --classes")
+    for c in classes:
+        check_text(c, "class name")
     if len(classes) < 2:
         raise GenvlError(f"need at least two classes, got {len(classes)}")
     dupes = sorted({c for c in classes if classes.count(c) > 1})
@@ -76,6 +79,7 @@ def expand_classes(classes: list[str], template: str | None = None) -> list[str]
         return list(classes)
     if "{}" not in template:
         raise GenvlError(f"--template must contain {{}} where the class name goes, got {template!r}")
+    check_text(template, "--template")
     return [template.replace("{}", c) for c in classes]
 
 

@@ -840,6 +840,10 @@ class InterleavedDataset(Dataset):
     def __len__(self) -> int:
         return len(self._docs)
 
+    def image_paths(self, index: int) -> list[str]:
+        """The image paths of document ``index``, in order (no image is opened)."""
+        return [seg["image"] for seg in self._docs[index] if "image" in seg]
+
     def _load(self, index: int) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         for seg in self._docs[index]:

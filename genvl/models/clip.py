@@ -13,6 +13,7 @@ Every other genvl model conditions on this core: the pooled, normalised embeddin
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genvl.errors import ModelDirError
+from genvl.errors import ModelDirError, describe_load_error
 from genvl.models.base import ConfigModule, register_component
 
 
@@ -240,8 +241,8 @@ class CLIP(ConfigModule):
             raise ModelDirError(f"{path}: not a HuggingFace CLIP directory (no config.json)")
         try:
             hf = CLIPModel.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ModelDirError(f"{path}: cannot load as a HuggingFace CLIP model ({str(e).splitlines()[0]})") from None
+        except (OSError, ValueError, pickle.UnpicklingError) as e:  # the last: pickled weights refused
+            raise ModelDirError(f"{path}: cannot load as a HuggingFace CLIP model ({describe_load_error(e)})") from None
         drop = {"projection_dim", "architectures", "transformers_version", "model_type", "torch_dtype", "dtype"}
         vision = {k: v for k, v in hf.config.vision_config.to_diff_dict().items() if k not in drop}
         text = {k: v for k, v in hf.config.text_config.to_diff_dict().items() if k not in drop}
@@ -277,5 +278,8 @@ def load_external_text_encoder_weights(model: CLIP, path: str | Path) -> None:
     """Copy a HuggingFace encoder's pretrained weights into ``model``'s frozen text tower."""
     from transformers import AutoModel
 
-    enc = AutoModel.from_pretrained(str(path), local_files_only=True)
+    try:
+        enc = AutoModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # the last: pickled weights refused
+        raise ModelDirError(f"{path}: cannot load the encoder's weights ({describe_load_error(e)})") from None
     model.text.encoder.load_state_dict(enc.state_dict())

@@ -54,6 +54,7 @@ from genvl.sampling.unclip import (
     _resolve_generator,
     _steps,
 )
+from genvl.tokenizers.text import warn_truncated
 
 DECODE_MODES = ("none", "dynamic", "static")
 
@@ -161,9 +162,11 @@ def filter_logits(
     Returns:
         (R, V) logits, -inf outside the kept set (never empty: the most likely allowed id stays).
     """
-    logits = logits.float().masked_fill(~allowed, float("-inf"))  # (R, V)
+    logits = logits.float()
     if temperature != 1.0:
+        # scaled before masking: a temperature too large for float32 is inf, and -inf / inf is nan
         logits = logits / temperature
+    logits = logits.masked_fill(~allowed, float("-inf"))  # (R, V)
     if top_k:
         k = min(top_k, int(allowed.sum()))
         kth = logits.topk(k, dim=-1).values[:, -1:]  # (R, 1)
@@ -189,11 +192,14 @@ def sample_tokens(
     Returns:
         (R,) long ids, all in ``allowed``.
     """
+    greedy = logits.float().masked_fill(~allowed, float("-inf")).argmax(-1)  # (R,)
     if temperature == 0:
-        return logits.float().masked_fill(~allowed, float("-inf")).argmax(-1)
+        return greedy
     probs = filter_logits(logits, allowed, temperature, top_k, top_p).softmax(-1)  # (R, V)
     q = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / q).argmax(-1)
+    # A temperature or top-p so small that float32 overflows leaves no finite distribution: greedy is
+    # its limit (chosen per row on the device, without a host sync).
+    return torch.where(probs.isfinite().all(-1), (probs / q).argmax(-1), greedy)
 
 
 # -------------------------------------------------------------------------------------- decoding
@@ -439,7 +445,8 @@ def generate_caption_ids(
         lm: the token LM (eval mode).
         layout: its vocabulary layout.
         codes: (B, N) or (B, h, w) image codes in [0, K).
-        max_new_tokens: most tokens per caption (the <eos> included).
+        max_new_tokens: most tokens per caption (the <eos> included); no more than the LM's
+            ``text_len + 1`` are generated.
         temperature: 0 = greedy.
         top_k, top_p: candidate filters (0 / 1 = off).
         generator: source of the sampling noise, on the LM's device.
@@ -451,6 +458,8 @@ def generate_caption_ids(
     """
     check_sampling(temperature, top_k, top_p)
     _check_count("max_new_tokens", max_new_tokens)
+    # a caption is at most text_len tokens and <eos>: the longest sequence the LM was trained on
+    max_new_tokens = min(max_new_tokens, lm.config.text_len + 1)
     device = lm.device
     ids = layout.i2t_prompt(codes.to(device))  # (B, N + 3)
     B = ids.shape[0]
@@ -527,6 +536,7 @@ def text_to_image(
     check_sampling(temperature, top_k, top_p)
     _check_guidance("guidance", guidance)
     layout = check_parts(lm, vq, tokenizer, layout)
+    warn_truncated(tokenizer, prompts, lm.config.text_len, add_special_tokens=False)
     text = encode_captions(tokenizer, prompts, lm.config.text_len)
     for p, t in zip(prompts, text):
         if not t:

@@ -34,6 +34,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import pickle
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from genvl.errors import GenvlError, ModelDirError
+from genvl.errors import GenvlError, ModelDirError, describe_load_error
 
 INDEX_NAME = "model_index.json"
 
@@ -201,9 +202,9 @@ def _load_component(pipe_dir: Path, name: str, spec: list, dtype: torch.dtype | 
     cls = _component_class(pipe_dir, name, spec)
     try:
         obj = cls.from_pretrained(str(pipe_dir / name), local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:  # unreadable / mismatched weights or configs
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelDirError(f"{pipe_dir / name}: cannot load {cls.__name__}: {first}") from err
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:  # unreadable / mismatched
+        # weights or configs, or pickled weights refused (loaded with weights_only=True)
+        raise ModelDirError(f"{pipe_dir / name}: cannot load {cls.__name__}: {describe_load_error(err)}") from err
     if isinstance(obj, torch.nn.Module):
         obj.eval()
         if dtype is not None:

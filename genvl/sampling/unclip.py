@@ -39,7 +39,7 @@ from torch import nn
 from genvl.errors import GenvlError
 from genvl.models.clip import TextEmbeddings
 from genvl.models.prior import unconditional_text
-from genvl.tokenizers.text import encode_texts
+from genvl.tokenizers.text import check_text, encode_texts, warn_truncated
 
 SCHEDULERS = ("ddpm", "ddim", "dpm++")
 
@@ -183,6 +183,7 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise GenvlError(f"empty prompt {p!r}: give a text description, e.g. \"a red circle\"")
+        check_text(p)
     return prompts
 
 
@@ -266,6 +267,10 @@ def _text_limit(tokenizer, *limits: int) -> int:
 
 def _make_scheduler(model: nn.Module, kind: str, steps: int, device: torch.device):
     sched = model.make_scheduler(kind)
+    trained = sched.config.num_train_timesteps
+    if steps > trained:
+        raise GenvlError(f"{steps} steps is more than the {trained} noise levels the model was trained on; "
+                         f"use at most {trained}")
     sched.set_timesteps(steps, device=device)
     return sched
 
@@ -297,7 +302,8 @@ def encode_prompts(
         tokenizer: its text tokenizer.
         prompts: B non-empty strings.
         device: where the outputs live (default: the CLIP's device).
-        max_length: truncation length (default: the tokenizer's / CLIP's limit).
+        max_length: truncation length (default: the tokenizer's / CLIP's limit); a longer prompt is
+            cut there, with a warning on the ``genvl.tokenizers.text`` logger.
 
     Returns:
         TextEmbeddings(embeds (B, D) unit, token_states (B, L, W), attention_mask (B, L)).
@@ -305,6 +311,7 @@ def encode_prompts(
     prompts = _check_prompts(prompts)
     if max_length is None:
         max_length = _text_limit(tokenizer, clip.config.max_text_len)
+    warn_truncated(tokenizer, prompts, max_length)
     enc = encode_texts(tokenizer, prompts, max_length=max_length)
     clip_device = _module_device(clip)
     text = clip.encode_text(enc["input_ids"].to(clip_device), enc["attention_mask"].to(clip_device))
@@ -319,9 +326,19 @@ def encode_prompts(
 # --------------------------------------------------------------------------------------- prior
 def _prior_loop(
     prior: nn.Module, text: TextEmbeddings, steps: int, guidance: float, scheduler: str,
-    generator: GeneratorArg, progress: Progress,
+    generator: GeneratorArg, progress: Progress, candidates: int = 1,
 ) -> torch.Tensor:
-    """The prior's denoising loop on already encoded (and repeated) text; returns (B, D) unit vectors."""
+    """The prior's denoising loop on already encoded (and repeated) text; returns (B, D) unit vectors.
+
+    With ``candidates`` K > 1, K embeddings are sampled per row and the one with the highest dot
+    product with the row's CLIP text embedding is kept (the DALL-E 2 paper samples two).
+    """
+    if candidates > 1:
+        B = text.embeds.shape[0]
+        many = _repeat_text(text, candidates)  # (B*K, ...) row-major: K candidates of row 0 first
+        z = _prior_loop(prior, many, steps, guidance, scheduler, generator, progress).view(B, candidates, -1)
+        score = (z * F.normalize(text.embeds.float(), dim=-1).to(z.device)[:, None]).sum(-1)  # (B, K)
+        return z[torch.arange(B, device=z.device), score.argmax(dim=1)]  # (B, D)
     device = _module_device(prior)
     dtype = _module_dtype(prior)
     embeds = text.embeds.to(device, dtype)  # (B, D)
@@ -365,6 +382,7 @@ def sample_prior(
     generator: GeneratorArg = None,
     device: str | torch.device | None = None,
     progress: Progress = None,
+    candidates: int = 1,
 ) -> torch.Tensor:
     """Sample CLIP image embeddings for prompts with the diffusion prior.
 
@@ -383,6 +401,8 @@ def sample_prior(
         generator: source of the initial (and, for ddpm, per-step) noise.
         device: where the result goes (default: the prior's device).
         progress: None, True (tqdm) or a callable(stage, step, total).
+        candidates: sample this many embeddings per image and keep the one closest to the
+            prompt's CLIP text embedding (1 = no selection).
 
     Returns:
         (P * n, D) unit vectors.
@@ -395,8 +415,9 @@ def sample_prior(
     _check_prior_fits(prior, clip)
     limit = _text_limit(tokenizer, clip.config.max_text_len, prior.config.text_len)
     text = encode_prompts(clip, tokenizer, prompts, device=_module_device(prior), max_length=limit)
+    _check_count("candidates", candidates)
     text = _repeat_text(text, num_images_per_prompt)
-    z = _prior_loop(prior, text, steps, float(guidance), scheduler, generator, progress)
+    z = _prior_loop(prior, text, steps, float(guidance), scheduler, generator, progress, candidates)
     return z if device is None else z.to(device)
 
 
@@ -663,6 +684,7 @@ def text_to_image(
     prior_guidance: float = 4.0,
     scheduler: str = "ddim",
     prior_scheduler: str | None = None,
+    prior_candidates: int = 1,
     superres: bool = True,
     sr_steps: int = 25,
     sr_aug_level: int | None = None,
@@ -683,6 +705,8 @@ def text_to_image(
         prior_guidance: prior classifier-free guidance scale.
         scheduler: decoder (and super-res) scheduler: "ddpm" | "ddim" | "dpm++".
         prior_scheduler: the prior's scheduler (default: ``scheduler``).
+        prior_candidates: embeddings the prior samples per image; the one closest to the prompt's
+            CLIP text embedding is drawn (1 = no selection; cheap, the prior works on vectors).
         superres: run the super-res stage when the components have one.
         sr_steps: super-res denoising steps.
         sr_aug_level: super-res noise augmentation level (default: see :func:`sample_superres`).
@@ -697,6 +721,7 @@ def text_to_image(
     prompts = _check_prompts(prompts)
     prior_scheduler = prior_scheduler or scheduler
     _check_count("num_images", num_images)
+    _check_count("prior_candidates", prior_candidates)
     _check_steps("steps", steps)
     _check_steps("prior_steps", prior_steps)
     _check_guidance("guidance", guidance)
@@ -715,7 +740,8 @@ def text_to_image(
     limit = _text_limit(components.tokenizer, clip.config.max_text_len, prior.config.text_len)
     text = encode_prompts(clip, components.tokenizer, prompts, device=_module_device(prior), max_length=limit)
     text = _repeat_text(text, num_images)  # (P*n, ...) prompt-major
-    z = _prior_loop(prior, text, prior_steps, float(prior_guidance), prior_scheduler, gen, progress)
+    z = _prior_loop(prior, text, prior_steps, float(prior_guidance), prior_scheduler, gen, progress,
+                    prior_candidates)
 
     states = mask = None
     if getattr(decoder.config, "text_width", 0):
@@ -734,7 +760,7 @@ def text_to_image(
     settings = dict(
         method="unclip", prompts=prompts, num_images=num_images, steps=steps, prior_steps=prior_steps,
         guidance=guidance, prior_guidance=prior_guidance, scheduler=scheduler, prior_scheduler=prior_scheduler,
-        superres=low_res is not None, seed=seed,
+        prior_candidates=prior_candidates, superres=low_res is not None, seed=seed,
     )
     if low_res is not None:
         settings.update(sr_steps=sr_steps, sr_aug_level=sr_aug_level)

@@ -11,12 +11,15 @@ deliberately not id 2: transformers' CLIP text tower treats ``eos_token_id == 2`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from genvl.errors import DataError, ModelDirError
+from genvl.errors import DataError, GenvlError, ModelDirError
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+
+logger = logging.getLogger(__name__)
 
 
 def train_text_tokenizer(
@@ -100,3 +103,38 @@ def encode_texts(tokenizer, texts: list[str], max_length: int | None = None) -> 
         if max_length > 100_000:  # tokenizers saved without a limit report a huge sentinel
             max_length = 512
     return tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def check_text(text: str, what: str = "prompt") -> str:
+    """Return ``text``, or raise a one-line error when it is not valid Unicode.
+
+    A command-line argument holding bytes that are not UTF-8 arrives as a string with lone
+    surrogates (``\\udcff``), which no tokenizer can encode.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GenvlError(f"{what} {text!r} is not valid text (it holds bytes that are not UTF-8)") from None
+    return text
+
+
+def warn_truncated(tokenizer, texts: Iterable[str], max_length: int, add_special_tokens: bool = True) -> int:
+    """Log one warning for each text longer than ``max_length`` tokens, which tokenizing will cut.
+
+    Args:
+        tokenizer: the tokenizer that will encode ``texts``.
+        texts: prompts (or captions) about to be encoded.
+        max_length: the most tokens kept (the text tower's context).
+        add_special_tokens: whether the encoding adds start / end tokens (they count).
+
+    Returns:
+        How many texts are longer than ``max_length``.
+    """
+    texts = list(texts)
+    ids = tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+    long = [(t, len(row)) for t, row in zip(texts, ids) if len(row) > max_length]
+    for text, n in long:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        logger.warning("genvl: warning: prompt %r is %d tokens, longer than the text tower's %d; only the first %d "
+                       "are used", shown, n, max_length, max_length)
+    return len(long)

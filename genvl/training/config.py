@@ -40,7 +40,7 @@ class TrainConfig:
     save_every: int = 100  # checkpoint period in optimizer steps; 0: only at the end
     keep_checkpoints: int = 2
     sample_every: int = 0  # generative stages: sample grid period; 0: only at the end
-    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
     tracker: str = "auto"  # auto (tensorboard if installed) | tensorboard | none
     tokenizer_vocab: int = 4096  # BPE size when a tokenizer is trained for this run
     text_len: int = 32  # tokens per caption for a newly trained tokenizer
@@ -57,12 +57,18 @@ class TrainConfig:
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
+            (self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (self.text_len >= 2, "text_len must be >= 2 (the start and end tokens)"),
+            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
             (self.on_nonfinite in ("stop", "skip"), "on_nonfinite must be stop or skip"),
             (self.tracker in ("auto", "tensorboard", "none"), "tracker must be auto, tensorboard or none"),
             (0 <= self.data.caption_dropout <= 1, "data.caption_dropout must be in [0, 1]"),
-            (self.data.image_size >= 8, "data.image_size must be >= 8"),
+            (8 <= self.data.image_size <= 8192, "data.image_size must be in [8, 8192]"),
             (self.save_every >= 0 and self.log_every >= 1, "save_every must be >= 0 and log_every >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must be >= 0"),

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from genvl.checkpoint import ModelDir, follow_refs, open_model_dir, save_model_dir
 from genvl.config import save_config, to_dict
-from genvl.errors import TrainingError
+from genvl.errors import TrainingError, describe_load_error
 from genvl.training.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -146,6 +146,56 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return done[-1] if done else None
 
 
+def _load_resume_state(accelerator, ckpt: Path) -> dict:
+    """``accelerator.load_state`` with every pickle read as ``weights_only=True``; returns the trainer state.
+
+    Any failure (a refused pickle, a truncated file, shapes that do not fit the model) is one
+    :class:`TrainingError` naming the checkpoint folder.
+
+    accelerate reads the model from safetensors and the optimizer, scheduler and RNG states with
+    ``torch.load(weights_only=True)``, which refuses to build anything but tensors and plain
+    containers. Two gaps are closed here: a folder without ``model.safetensors`` would make it read
+    pickled ``pytorch_model.bin`` weights instead, and an RNG state that fails to load is only
+    logged by accelerate, so the resumed run would silently draw different random numbers.
+    """
+    from accelerate.utils import DistributedType, load
+
+    try:
+        if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            if not (ckpt / "model.safetensors").is_file():
+                raise TrainingError(f"{ckpt}: no model.safetensors (genvl never loads pickled weights)")
+        load(ckpt / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
+        accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True})
+        return json.loads((ckpt / STATE_NAME).read_text())
+    except TrainingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - refused pickles, truncated files, mismatched shapes
+        why = f"{type(e).__name__}: {describe_load_error(e)}"
+        raise TrainingError(f"{ckpt}: cannot load the resume state ({why})") from e
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder, renaming it first: a crash midway leaves a ``.del-`` folder, never a
+    half-deleted ``step-N`` that still looks complete."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".del-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _read_log(path: Path) -> list[dict]:
+    """The rows of ``log.jsonl``; a line cut short (a crash or a full disk while writing) is dropped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def _hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
@@ -170,7 +220,7 @@ def plot_loss(log_path: Path, png_path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
+    rows = _read_log(log_path)
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -250,7 +300,9 @@ def train(
     if resume and ckpt is None and main:
         print(f"genvl: no checkpoint in {run_dir / CHECKPOINTS}; starting from step 0")
 
-    if str(data_path).endswith(".safetensors"):  # codes written by genvl data tokenize
+    if hasattr(task, "open_dataset"):  # a stage that reads its own data (interleaved documents)
+        dataset = task.open_dataset(data_path, progress=progress and main)
+    elif str(data_path).endswith(".safetensors"):  # codes written by genvl data tokenize
         if not task.accepts_tokenized:
             raise TrainingError(
                 f"{data_path} is a tokenized set (VQ-VAE codes); the {task.stage} stage needs images"
@@ -319,8 +371,7 @@ def train(
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "seconds": 0.0}
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state.update(json.loads((ckpt / STATE_NAME).read_text()))
+        state.update(_load_resume_state(accelerator, ckpt))
         if ema is not None:
             from genvl.models.base import load_safetensors
 
@@ -343,9 +394,11 @@ def train(
     history: list[dict] = []
     if main and log_path.is_file():
         # Keep log rows up to the resumed step; later ones belong to a run that was cut off.
-        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        rows = _read_log(log_path)
         history = [r for r in rows if r["step"] <= state["step"]]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        tmp_log = log_path.with_name(f".{log_path.name}.tmp")  # renamed into place: a crash keeps the old log
+        tmp_log.write_text("".join(json.dumps(r) + "\n" for r in history))
+        os.replace(tmp_log, log_path)
 
     def save_checkpoint() -> Path:
         final = run_dir / CHECKPOINTS / f"step-{state['step']:08d}"
@@ -366,11 +419,13 @@ def train(
                 task.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             # trainer_state.json is written last: its presence marks the folder complete.
             (tmp / STATE_NAME).write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
+            _remove_checkpoint(final)
             os.replace(tmp, final)
             done = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / STATE_NAME).is_file())
             for old in done[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_checkpoint(old)
+            for stale in (run_dir / CHECKPOINTS).glob(".del-step-*"):  # left by a crash while deleting
+                shutil.rmtree(stale, ignore_errors=True)
         accelerator.wait_for_everyone()
         return final
 
@@ -398,13 +453,28 @@ def train(
             state["batch_in_epoch"] += 1
             with accelerator.accumulate(model):
                 loss, extra = task.loss(model, batch)
-                finite = torch.isfinite(loss.detach()).float()
-                if world > 1:
-                    finite = accelerator.reduce(finite, "min")
-                if finite.item() < 1:
+                nonfinite = (~torch.isfinite(loss.detach())).float()
+                if world > 1:  # every process skips (or stops) together; accelerate's reduce has max, not min
+                    nonfinite = accelerator.reduce(nonfinite, "max")
+                bad = None
+                if nonfinite.item() > 0:
+                    local = loss.item()
+                    bad = f"non-finite loss ({local})" if not math.isfinite(local) else \
+                        "non-finite loss on another process"
+                if bad is None:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # The total gradient norm (clipping at inf when clipping is off measures it and
+                        # changes nothing). Under fp16 the grad scaler skips overflowing steps itself.
+                        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                        if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+                            norm = norm.full_tensor()
+                        if norm is not None and accelerator.scaler is None and not math.isfinite(float(norm)):
+                            bad = f"non-finite gradient (norm {float(norm)})"
+                if bad is not None:
                     optimizer.zero_grad(set_to_none=True)
                     bad_in_row += 1
-                    where = f"non-finite loss ({loss.item()}) at step {state['step'] + 1}"
+                    where = f"{bad} at step {state['step'] + 1}"
                     if cfg.on_nonfinite == "stop" or bad_in_row > 10:
                         keep = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
                         raise TrainingError(f"{where}; training stopped, {keep} (lower lr or use --resume latest)")
@@ -412,9 +482,6 @@ def train(
                         print(f"genvl: {where}; batch skipped")
                     continue
                 bad_in_row = 0
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().float().item()

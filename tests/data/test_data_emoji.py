@@ -137,6 +137,16 @@ def test_limit_and_single_style(tmp_path, tarballs):
     assert "CC-BY-4.0" in (out / "LICENSES.md").read_text() and "Apache" not in (out / "LICENSES.md").read_text()
 
 
+def test_without_skin_tones(tmp_path, tarballs):
+    out = tmp_path / "base"
+    result = build_emoji_dataset(out, progress=False, tarball_paths=tarballs, skin_tones=False)
+    rows = read_rows(out)
+    assert rows and not any("skin tone" in r["text"][0] for r in rows)
+    assert result.total == len(rows) < 13  # the full build above has 13 images
+    assert {r["file_name"] for r in rows} >= {"google/1f600.png", "twitter/1f385.png"}
+    assert all("-1f3f" not in r["file_name"] for r in rows)  # no Fitzpatrick-modifier images copied
+
+
 def test_errors(tmp_path):
     with pytest.raises(DataError, match="npm not found"):
         build_emoji_dataset(tmp_path / "x", styles=("google",), progress=False, npm=str(tmp_path / "no-npm"))

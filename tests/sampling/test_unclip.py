@@ -248,6 +248,23 @@ def test_sample_prior_real_model_shapes_norm_and_seeds(clip, tokenizer, real_pri
     assert torch.equal(g1, _reference_unguided_prior(real_prior, clip, tokenizer, prompts, 4, seed=5))
 
 
+def test_prior_candidates_keep_the_one_closest_to_the_prompt(clip, tokenizer, real_prior):
+    prompts = ["a red circle", "a blue square"]
+    K = 5
+    best = sample_prior(real_prior, clip, tokenizer, prompts, num_images_per_prompt=2, steps=3, generator=_gen(7),
+                        candidates=K)
+    # the same draws, all kept: row r's candidates are rows r*K .. r*K + K - 1
+    every = sample_prior(real_prior, clip, tokenizer, prompts, num_images_per_prompt=2 * K, steps=3, generator=_gen(7))
+    text = encode_prompts(clip, tokenizer, prompts, "cpu", max_length=TEXT_LEN).embeds.repeat_interleave(2, dim=0)
+    every = every.view(4, K, D)
+    scores = (every * text[:, None]).sum(-1)  # (4, K)
+    assert torch.allclose(best, every[torch.arange(4), scores.argmax(1)], atol=1e-6)
+    assert not torch.equal(scores.argmax(1), torch.zeros(4, dtype=torch.long))  # not always the first draw
+    assert ((best * text).sum(-1) >= scores.mean(1)).all()
+    with pytest.raises(GenvlError, match="candidates"):
+        sample_prior(real_prior, clip, tokenizer, prompts, steps=3, candidates=0)
+
+
 def test_prior_guidance_one_takes_the_unguided_path(clip, tokenizer):
     prior = StandInPrior()
     prompts = ["a red circle", "a green square", "a blue triangle"]

@@ -17,6 +17,7 @@ TASKS = {
     "sr": "genvl.training.tasks.decoder:SuperResTask",
     "vqvae": "genvl.training.tasks.vqvae:VQVAETask",
     "lm": "genvl.training.tasks.lm:LMTask",
+    "interleaved": "genvl.training.tasks.interleaved:InterleavedTask",
 }
 
 
