@@ -65,7 +65,7 @@ def evaluate_interleaved(
         texts = [captions[i] if captions is not None else it["text"] for i, it in zip(chunk, items)]
         px = torch.stack([it["pixel_values"] for it in items]).to(clip.device)
         z_true.append(clip.encode_image(px).float().cpu())  # (b, D) unit
-        ids = [list(t) for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ids = [list(t) for t in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
         ids = [t[: model.config.max_len - lay.visual_tokens - 3] for t in ids]
         z_hat.append(generate_image_embeds(model, ids, guidance=guidance).cpu())
         rows, mask = _left_pad([[lay.bos_id, *t] for t in ids], lay.pad_id, device)  # "<bos> caption"

@@ -367,7 +367,7 @@ def generate_document(
     S = clip.config.image_size
     for seg in segments:
         if "text" in seg:
-            ids = tok(seg["text"], add_special_tokens=False)["input_ids"] if seg["text"].strip() else []
+            ids = tok(seg["text"], add_special_tokens=False, verbose=False)["input_ids"] if seg["text"].strip() else []
             if ids:
                 elements.append(list(ids))
             out_segments.append({"text": seg["text"], "generated": False})

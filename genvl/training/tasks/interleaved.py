@@ -443,7 +443,7 @@ class InterleavedTask(Task):
                 docs[d] = doc[r.choice(places):]
         # tokenize every text at once
         texts = [el for doc in docs for el in doc if isinstance(el, str)]
-        ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        ids = iter(self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
         tokenized = []
         for doc in docs:
             out = []
@@ -499,7 +499,7 @@ class InterleavedTask(Task):
                 device = model.device
                 px = self.fixed_pixels.to(device)
                 z = self.clip.encode_image(px).float()  # (n, D)
-                ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.fixed_texts]
+                ids = [self.tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in self.fixed_texts]
                 z_hat = generate_image_embeds(model, ids, guidance=1.0)  # (n, D)
                 cos = F.cosine_similarity(z_hat, z, dim=-1).tolist()
                 parts = InterleavedParts(model=model, clip=self.clip, tokenizer=self.tokenizer, decoder=None)
