@@ -369,31 +369,11 @@ class InterleavedLM(ConfigModule):
 
     def __init__(self, config: InterleavedConfig):
         super().__init__(config)
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from genvl.models.lm import build_llama
 
         c = config
         self.layout = c.layout
-        hf = LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.ffn_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            num_key_value_heads=c.num_kv_heads or c.num_heads,
-            max_position_embeddings=c.max_len,
-            attention_dropout=c.dropout,
-            tie_word_embeddings=c.tie_embeddings,
-            pad_token_id=c.pad_id,
-            bos_token_id=c.bos_id,
-            eos_token_id=c.eos_id,
-            attn_implementation="sdpa",
-        )
-        if c.rope_theta != 10000.0:  # transformers 5 keeps it in rope_parameters, 4.x in rope_theta
-            if isinstance(getattr(hf, "rope_parameters", None), dict):
-                hf.rope_parameters["rope_theta"] = c.rope_theta
-            else:
-                hf.rope_theta = c.rope_theta
-        self.model = LlamaForCausalLM(hf)
+        self.model = build_llama(c)
         self.visual_in = nn.Linear(c.slot_dim, c.hidden_size)  # slot values -> added to <v_j>'s embedding
         self.visual_out = nn.Linear(c.hidden_size, c.slot_dim)  # regression head: hidden state -> next slot
         self._kwargs = set(inspect.signature(self.model.model.forward).parameters)

@@ -320,6 +320,35 @@ def lm_config(size: str = "tiny", **overrides) -> TokenLMConfig:
     return cfg
 
 
+def build_llama(c) -> torch.nn.Module:
+    """A randomly initialised transformers ``LlamaForCausalLM`` from a genvl LM config (vocab_size,
+    hidden_size, ffn_size, num_layers, num_heads, num_kv_heads, max_len, dropout, tie_embeddings,
+    pad/bos/eos ids, rope_theta); shared by the token LM and the interleaved LM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.ffn_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads or c.num_heads,
+        max_position_embeddings=c.max_len,
+        attention_dropout=c.dropout,
+        tie_word_embeddings=c.tie_embeddings,
+        pad_token_id=c.pad_id,
+        bos_token_id=c.bos_id,
+        eos_token_id=c.eos_id,
+        attn_implementation="sdpa",
+    )
+    if c.rope_theta != 10000.0:  # transformers 5 keeps it in rope_parameters, 4.x in rope_theta
+        if isinstance(getattr(hf, "rope_parameters", None), dict):
+            hf.rope_parameters["rope_theta"] = c.rope_theta
+        else:
+            hf.rope_theta = c.rope_theta
+    return LlamaForCausalLM(hf)
+
+
 @register_component
 class TokenLM(ConfigModule):
     """Causal LM over text ids and image codes: a transformers ``LlamaForCausalLM`` built from config.
@@ -332,31 +361,9 @@ class TokenLM(ConfigModule):
 
     def __init__(self, config: TokenLMConfig):
         super().__init__(config)
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         c = config
         self.layout = c.layout
-        hf = LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.ffn_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            num_key_value_heads=c.num_kv_heads or c.num_heads,
-            max_position_embeddings=c.max_len,
-            attention_dropout=c.dropout,
-            tie_word_embeddings=c.tie_embeddings,
-            pad_token_id=c.pad_id,
-            bos_token_id=c.bos_id,
-            eos_token_id=c.eos_id,
-            attn_implementation="sdpa",
-        )
-        if c.rope_theta != 10000.0:  # transformers 5 keeps it in rope_parameters, 4.x in rope_theta
-            if isinstance(getattr(hf, "rope_parameters", None), dict):
-                hf.rope_parameters["rope_theta"] = c.rope_theta
-            else:
-                hf.rope_theta = c.rope_theta
-        self.model = LlamaForCausalLM(hf)
+        self.model = build_llama(c)
         self._kwargs = set(inspect.signature(self.model.forward).parameters)
 
     @property
