@@ -41,7 +41,7 @@ def _with_history(name: str, rec: dict) -> dict:
     directory trained the same component before."""
     out = {}
     init = Path(rec.get("init", ""))
-    if rec.get("init") and (init / "genvl.json").is_file():
+    if rec.get("init") and not rec.get("fresh") and (init / "genvl.json").is_file():
         earlier = read_meta(init).get("training", {}).get(name)
         if earlier and earlier != rec:
             out[f"{name}, first part"] = earlier

@@ -149,6 +149,10 @@ class DiffusionClassifier:
         self.device = torch.device(device) if device is not None else next(decoder.parameters()).device
         self.scheduler = decoder.make_scheduler("ddpm")  # its add_noise is the training forward process
         self.image_size = decoder.config.image_size
+        S = self.image_size
+        # (3, S, S) pixels or (C, s, s) latents; encode: pixels -> clean samples (identity for pixels)
+        self.sample_shape = tuple(getattr(decoder, "sample_shape", (3, S, S)))
+        self._encode = getattr(decoder, "encode", None) or (lambda px: px)
         self.last_evals: torch.Tensor | None = None  # (N,) rows spent per image by the last call
         self._cond: ClassConditions | None = None
         self._cond_key: tuple[str, ...] | None = None
@@ -160,9 +164,8 @@ class DiffusionClassifier:
         return schedule_evals(self.stages(num_classes), num_classes)
 
     def noise_pairs(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shared pairs: t (K,) long, eps (K, 3, S, S) (deterministic in ``seed``)."""
-        S = self.image_size
-        return shared_pairs(num, (3, S, S), self.t_range, self.seed)
+        """The shared pairs: t (K,) long, eps (K, *sample_shape) (deterministic in ``seed``)."""
+        return shared_pairs(num, self.sample_shape, self.t_range, self.seed)
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -177,10 +180,10 @@ class DiffusionClassifier:
         """As :meth:`scores`, with the C class conditions given."""
         dev = self.device
         C = cond.image_embeds.shape[0]
-        x0 = _resize(images.float(), self.image_size).to(dev)  # (N, 3, S, S)
+        x0 = self._encode(_resize(images.float(), self.image_size).to(dev)).float()  # (N, C, s, s) clean samples
         stages = self.stages(C)
         K = sum(n for n, _ in stages)
-        t, eps = self.noise_pairs(K)  # (K,), (K, 3, S, S)
+        t, eps = self.noise_pairs(K)  # (K,), (K, C, s, s)
         weights = timestep_weights(self.scheduler.alphas_cumprod, t, self.weighting)  # (K,)
         eps, t_dev = eps.to(dev), t.to(dev)
         z = cond.image_embeds.float().to(dev)  # (C, D)
@@ -190,10 +193,10 @@ class DiffusionClassifier:
 
         def row_error(n: torch.Tensor, c: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             n, c, k = n.to(dev), c.to(dev), k.to(dev)
-            e = eps[k]  # (R, 3, S, S)
-            noisy = self.scheduler.add_noise(x0[n], e, t_dev[k])  # (R, 3, S, S) x_t
+            e = eps[k]  # (R, C, s, s)
+            noisy = self.scheduler.add_noise(x0[n], e, t_dev[k])  # (R, C, s, s) x_t
             pred = self.decoder(noisy.to(dtype), t_dev[k], z[c], states[c] if states is not None else None,
-                                mask[c] if mask is not None else None)  # (R, 3, S, S) epsilon
+                                mask[c] if mask is not None else None)  # (R, C, s, s) epsilon
             return (e - pred.float()).pow(2).flatten(1).sum(1)  # (R,)
 
         scores, evals = adaptive_scores(x0.shape[0], C, stages, weights, row_error, self.batch_size)

@@ -47,8 +47,9 @@ from genvl.models.base import ConfigModule, register_component
 SCHEDULER_KINDS = ("ddpm", "ddim", "dpm++")
 
 
-def _make_scheduler(kind: str, num_train_timesteps: int, beta_schedule: str):
-    """A diffusers scheduler for epsilon prediction in pixel space ([-1, 1], predicted x0 clipped).
+def _make_scheduler(kind: str, num_train_timesteps: int, beta_schedule: str, clip_range: float = 1.0):
+    """A diffusers scheduler for epsilon prediction; the predicted x0 is clipped to [-clip_range, clip_range]
+    (pixels: [-1, 1]; latents of unit code vectors scaled by ``latent_scale``: that scale).
 
     The same object adds noise in training (``add_noise``) and denoises at sampling (``step``).
     """
@@ -56,14 +57,15 @@ def _make_scheduler(kind: str, num_train_timesteps: int, beta_schedule: str):
 
     common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon")
     if kind == "ddpm":
-        return DDPMScheduler(**common, clip_sample=True, clip_sample_range=1.0)
+        return DDPMScheduler(**common, clip_sample=True, clip_sample_range=clip_range)
     if kind == "ddim":
         # "trailing" spacing starts few-step sampling at the last training timestep (pure noise).
-        return DDIMScheduler(**common, clip_sample=True, clip_sample_range=1.0, timestep_spacing="trailing")
+        return DDIMScheduler(**common, clip_sample=True, clip_sample_range=clip_range, timestep_spacing="trailing")
     if kind == "dpm++":
-        # DPM-Solver++ has no clip_sample; thresholding with sample_max_value 1 clamps x0 to [-1, 1].
+        # DPM-Solver++ has no clip_sample; thresholding with sample_max_value 1 clamps x0 to [-1, 1]
+        # (its dynamic threshold s in [1, max] also divides by s, so wider ranges get no thresholding).
         return DPMSolverMultistepScheduler(
-            **common, algorithm_type="dpmsolver++", thresholding=True, sample_max_value=1.0
+            **common, algorithm_type="dpmsolver++", thresholding=clip_range == 1.0, sample_max_value=clip_range
         )
     raise ValueError(f"unknown scheduler kind {kind!r}; kinds: {', '.join(SCHEDULER_KINDS)}")
 
@@ -131,6 +133,21 @@ class DecoderConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     norm_num_groups: int = 32  # GroupNorm groups in the ResNet and attention blocks
     parameterization: str = "v"  # what the inner UNet predicts: v | epsilon (forward returns epsilon)
+    # Latent decoder: the VQVAEConfig (as a dict) of the frozen VQ-VAE whose latents the UNet
+    # denoises, held inside the decoder; None = pixel space.
+    vae: dict | None = None
+    latent_scale: float = 1.0  # latents = unit code vectors * latent_scale (about unit variance)
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the UNet's sample: image_size in pixel space, image_size / downsample in latent space."""
+        if not self.vae:
+            return self.image_size
+        return self.image_size // 2 ** (len(self.vae["channels"]) - 1)
+
+    @property
+    def sample_channels(self) -> int:
+        return int(self.vae["code_dim"]) if self.vae else 3
 
     @property
     def down_block_types(self) -> list[str]:
@@ -174,7 +191,16 @@ def decoder_config(size: str = "tiny", **overrides) -> DecoderConfig:
             raise ValueError(f"decoder config: {name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.text_width < 0:
         raise ValueError(f"decoder config: text_width must be >= 0 (0 = no text), got {cfg.text_width}")
-    _check_unet("decoder", cfg.image_size, cfg.block_out_channels, cfg.norm_num_groups, cfg.parameterization)
+    if cfg.vae:
+        from genvl.tokenizers.vqvae import VQVAEConfig, check_config
+
+        vae = VQVAEConfig(**cfg.vae)
+        check_config(vae)
+        if vae.image_size != cfg.image_size:
+            raise ValueError(f"decoder config: image_size {cfg.image_size} differs from its VQ-VAE's ({vae.image_size})")
+        if not cfg.latent_scale > 0:
+            raise ValueError(f"decoder config: latent_scale must be > 0, got {cfg.latent_scale}")
+    _check_unet("decoder", cfg.latent_size, cfg.block_out_channels, cfg.norm_num_groups, cfg.parameterization)
     bad = [c for c in cfg.block_out_channels if c % cfg.attention_head_dim]
     if bad:
         raise ValueError(
@@ -186,7 +212,14 @@ def decoder_config(size: str = "tiny", **overrides) -> DecoderConfig:
 
 @register_component
 class Decoder(ConfigModule):
-    """Epsilon-predicting pixel diffusion UNet conditioned on a CLIP image embedding (+ text states)."""
+    """Epsilon-predicting diffusion UNet conditioned on a CLIP image embedding (+ text states).
+
+    In pixel space (``vae`` None) the UNet denoises (B, 3, S, S) images. With ``vae`` set it is a
+    latent decoder (as Kandinsky 2.2 over MoVQ latents): it denoises the (B, code_dim, s, s) code
+    vectors of a frozen VQ-VAE held inside the decoder (``self.vae``, s = S / downsample), and
+    :meth:`decode` snaps them to the nearest codes and runs the VQ-VAE's decoder. Callers stay
+    space-agnostic through :attr:`sample_shape`, :meth:`encode` (pixels -> x0) and :meth:`decode`.
+    """
 
     config_class = DecoderConfig
 
@@ -202,10 +235,15 @@ class Decoder(ConfigModule):
         self.image_proj = nn.Linear(c.embed_dim, K * C)
         # Text token states (B, L, W) -> (B, L, C); absent when the decoder ignores text.
         self.text_proj = nn.Linear(c.text_width, C) if c.text_width > 0 else None
+        self.vae = None
+        if c.vae:
+            from genvl.tokenizers.vqvae import VQVAE, VQVAEConfig
+
+            self.vae = VQVAE(VQVAEConfig(**c.vae)).eval().requires_grad_(False)  # frozen: never trained here
         self.unet = UNet2DConditionModel(
-            sample_size=c.image_size,
-            in_channels=3,
-            out_channels=3,
+            sample_size=c.latent_size,
+            in_channels=c.sample_channels,
+            out_channels=c.sample_channels,
             down_block_types=tuple(c.down_block_types),
             up_block_types=tuple(c.up_block_types),
             block_out_channels=tuple(c.block_out_channels),
@@ -229,6 +267,52 @@ class Decoder(ConfigModule):
     def dtype(self) -> torch.dtype:
         return self.image_proj.weight.dtype
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, s, s) of what the UNet denoises: (3, S, S) pixels or (code_dim, s, s) latents."""
+        c = self.config
+        return (c.sample_channels, c.latent_size, c.latent_size)
+
+    @property
+    def clip_range(self) -> float:
+        """Bound of the clean samples' coordinates: 1 for pixels, ``latent_scale`` for unit code vectors."""
+        return float(self.config.latent_scale) if self.vae is not None else 1.0
+
+    def train(self, mode: bool = True) -> "Decoder":
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()  # the frozen VQ-VAE never tracks code usage or restarts codes
+        return self
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images in [-1, 1] -> (B, *sample_shape) clean samples x0 (float32).
+
+        Pixel space: the images themselves. Latent space: their quantized VQ-VAE code vectors
+        times ``latent_scale``.
+        """
+        S = self.config.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, S, S):
+            raise ValueError(f"decoder expects images of shape (B, 3, {S}, {S}), got {tuple(pixels.shape)}")
+        if self.vae is None:
+            return pixels.float()
+        codes = self.vae.encode(pixels)  # (B, s, s)
+        return self.vae.embed_codes(codes).float() * self.config.latent_scale  # (B, C, s, s)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, *sample_shape) denoised samples -> (B, 3, S, S) images clamped to [-1, 1].
+
+        Latent space: each position's vector is snapped to its nearest code (cosine, as the
+        quantizer looks codes up) and the VQ-VAE decodes the codes.
+        """
+        if self.vae is None:
+            return x.clamp(-1, 1)
+        B, C, h, w = x.shape
+        flat = F.normalize(x.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, C)  # (B*h*w, C)
+        codes = self.vae.quantizer.lookup(flat.to(self.vae.dtype)).view(B, h, w)
+        return self.vae.decode_codes(codes).float()
+
     def forward(
         self,
         noisy: torch.Tensor,
@@ -240,7 +324,7 @@ class Decoder(ConfigModule):
         """Predict the noise of ``noisy``.
 
         Args:
-            noisy: (B, 3, H, W) x_t in pixel space.
+            noisy: (B, *sample_shape) x_t: (B, 3, H, W) pixels or (B, C, h, w) latents.
             timesteps: (B,) long diffusion steps (a scalar is broadcast).
             image_embeds: (B, D) CLIP image embedding (unit vectors; zeros = unconditional).
             text_states: (B, L, W) CLIP text token states, only when ``text_width > 0``; None = no text.
@@ -251,9 +335,8 @@ class Decoder(ConfigModule):
         """
         c = self.config
         B = noisy.shape[0]
-        S = c.image_size
-        if noisy.shape != (B, 3, S, S):
-            raise ValueError(f"decoder expects noisy images of shape ({B}, 3, {S}, {S}), got {tuple(noisy.shape)}")
+        if tuple(noisy.shape) != (B, *self.sample_shape):
+            raise ValueError(f"decoder expects noisy samples of shape {(B, *self.sample_shape)}, got {tuple(noisy.shape)}")
         if image_embeds.shape != (B, c.embed_dim):
             raise ValueError(f"decoder expects image_embeds of shape ({B}, {c.embed_dim}), got {tuple(image_embeds.shape)}")
         dtype = self.dtype
@@ -295,7 +378,7 @@ class Decoder(ConfigModule):
         Args:
             kind: "ddpm" | "ddim" | "dpm++" (DPM-Solver++ multistep).
         """
-        return _make_scheduler(kind, self.config.num_train_timesteps, self.config.beta_schedule)
+        return _make_scheduler(kind, self.config.num_train_timesteps, self.config.beta_schedule, self.clip_range)
 
 
 # -------------------------------------------------------------------------------------------------

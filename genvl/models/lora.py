@@ -33,15 +33,22 @@ ADAPTER = "default"
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 
 
-def _lora_config(rank: int, alpha: float | None, targets: list[str] | None, dropout: float = 0.0):
+def _lora_config(rank: int, alpha: float | None, targets: list[str] | None, dropout: float = 0.0,
+                 exclude: str | None = None):
     from peft import LoraConfig
 
     if rank < 1:
         raise ConfigError(f"bad LoRA config: rank must be >= 1, got {rank}")
+    extra = {"exclude_modules": exclude} if exclude else {}
     return LoraConfig(
         r=rank, lora_alpha=float(alpha if alpha else rank), lora_dropout=dropout,
-        target_modules=list(targets or DEFAULT_TARGETS), bias="none",
+        target_modules=list(targets or DEFAULT_TARGETS), bias="none", **extra,
     )
+
+
+def _frozen_parts(module: nn.Module) -> str | None:
+    """A regex of the submodules that never get adapters: a latent decoder's frozen VQ-VAE."""
+    return r"vae\..*" if getattr(module, "vae", None) is not None else None
 
 
 def add_lora(module: nn.Module, rank: int, alpha: float | None = None, targets: list[str] | None = None,
@@ -60,7 +67,7 @@ def add_lora(module: nn.Module, rank: int, alpha: float | None = None, targets: 
     """
     from peft import inject_adapter_in_model
 
-    cfg = _lora_config(rank, alpha, targets, dropout)
+    cfg = _lora_config(rank, alpha, targets, dropout, exclude=_frozen_parts(module))
     try:
         inject_adapter_in_model(cfg, module, adapter_name=ADAPTER)
     except ValueError as e:
@@ -132,7 +139,8 @@ def apply_adapter(base: nn.Module, directory: str | Path) -> nn.Module:
     meta = read_adapter_config(directory)
     weights = load_safetensors(directory / LORA_WEIGHTS)
     base.train(False)
-    tuner = LoraModel(base, _lora_config(int(meta["rank"]), meta.get("alpha"), meta["targets"]), ADAPTER)
+    tuner = LoraModel(base, _lora_config(int(meta["rank"]), meta.get("alpha"), meta["targets"],
+                                         exclude=_frozen_parts(base)), ADAPTER)
     own = {k.replace(f".{ADAPTER}.", "."): k for k in base.state_dict() if "lora_" in k}
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:

@@ -281,6 +281,24 @@ def _step(sched, out: torch.Tensor, t, x: torch.Tensor, generator: GeneratorArg,
     return sched.step(out, t, x, generator=generator).prev_sample
 
 
+def _sample_shape(decoder: nn.Module) -> tuple[int, int, int]:
+    """(C, s, s) the decoder denoises; modules without ``sample_shape`` work on (3, S, S) pixels."""
+    S = decoder.config.image_size
+    return tuple(getattr(decoder, "sample_shape", (3, S, S)))
+
+
+def _decoder_encode(decoder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels -> the decoder's clean samples x0 (latents for a latent decoder)."""
+    encode = getattr(decoder, "encode", None)
+    return encode(pixels) if encode is not None else pixels
+
+
+def _decoder_decode(decoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Denoised samples -> (B, 3, S, S) images in [-1, 1] (the VQ-VAE decoder for a latent decoder)."""
+    decode = getattr(decoder, "decode", None)
+    return decode(x) if decode is not None else x.clamp(-1, 1)
+
+
 def _null_text(decoder: nn.Module, batch: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Text conditioning "no caption" for decoders that take token states (None for those that do not)."""
     W = getattr(decoder.config, "text_width", 0)
@@ -469,7 +487,8 @@ def sample_decoder(
         generator: one generator, or a list of B (per-sample noise: equal seeds give equal noise).
         text_states: optional (B, L, W) CLIP token states (decoders with ``text_width`` > 0).
         text_mask: (B, L) 1 on real tokens, with ``text_states``.
-        init_noise: optional (B, 3, H, W) x_T used as is (e.g. from :func:`ddim_invert`).
+        init_noise: optional (B, *decoder.sample_shape) x_T used as is (e.g. from :func:`ddim_invert`);
+            (B, 3, H, W) for a pixel decoder, (B, C, h, w) latents for a latent one.
         eta: DDIM stochasticity (ddim only): 0 deterministic, 1 DDPM-like.
         progress: None, True (tqdm) or a callable(stage, step, total).
 
@@ -488,7 +507,8 @@ def sample_decoder(
     if (text_states is None) != (text_mask is None):
         raise GenvlError("text_states and text_mask go together: give both or neither")
     device, dtype = _module_device(decoder), _module_dtype(decoder)
-    B, S = image_embeds.shape[0], cfg.image_size
+    B = image_embeds.shape[0]
+    shape = (B, *_sample_shape(decoder))  # (B, 3, S, S) pixels or (B, C, h, w) latents
     if text_states is None:
         text_states, text_mask = _null_text(decoder, B, device)
     if text_states is not None and (text_states.ndim != 3 or text_states.shape[0] != B or text_mask.shape != text_states.shape[:2]):
@@ -509,22 +529,22 @@ def sample_decoder(
 
     sched = _make_scheduler(decoder, scheduler, steps, device)
     if init_noise is not None:
-        if tuple(init_noise.shape) != (B, 3, S, S):
-            raise GenvlError(f"size mismatch: init_noise must have shape {(B, 3, S, S)}, got {tuple(init_noise.shape)}")
-        x = init_noise.to(device).float()  # (B, 3, S, S) x_T as given
+        if tuple(init_noise.shape) != shape:
+            raise GenvlError(f"size mismatch: init_noise must have shape {shape}, got {tuple(init_noise.shape)}")
+        x = init_noise.to(device).float()  # x_T as given
     else:
-        x = _randn((B, 3, S, S), generator, device) * sched.init_noise_sigma  # (B, 3, S, S)
+        x = _randn(shape, generator, device) * sched.init_noise_sigma  # (B, C, s, s)
     for t in _steps(sched.timesteps, "decoder", progress):
         x_in = sched.scale_model_input(x, t)
         if guided:
-            x_in = torch.cat([x_in] * 2)  # (2B, 3, S, S)
-            eps = decoder(x_in.to(dtype), t.repeat(2 * B), embeds, states, mask).float()  # (2B, 3, S, S)
+            x_in = torch.cat([x_in] * 2)  # (2B, C, s, s)
+            eps = decoder(x_in.to(dtype), t.repeat(2 * B), embeds, states, mask).float()  # (2B, C, s, s)
             uncond, cond = eps.chunk(2)
-            eps = uncond + guidance * (cond - uncond)  # (B, 3, S, S)
+            eps = uncond + guidance * (cond - uncond)  # (B, C, s, s)
         else:
-            eps = decoder(x_in.to(dtype), t.repeat(B), embeds, states, mask).float()  # (B, 3, S, S)
+            eps = decoder(x_in.to(dtype), t.repeat(B), embeds, states, mask).float()  # (B, C, s, s)
         x = _step(sched, eps, t, x, generator, eta)
-    return x.clamp(-1, 1)
+    return _decoder_decode(decoder, x)  # (B, 3, S, S) in [-1, 1]; a latent decoder runs its VQ-VAE decoder
 
 
 @torch.no_grad()
@@ -561,7 +581,7 @@ def ddim_invert(
         progress: None, True (tqdm) or a callable(stage, step, total).
 
     Returns:
-        (B, 3, H, W) x_T.
+        (B, *decoder.sample_shape) x_T (pixels, or latents for a latent decoder).
     """
     _check_steps("inversion_steps", steps)
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
@@ -587,10 +607,10 @@ def ddim_invert(
     def alpha(t: int) -> torch.Tensor:  # as DDIMScheduler.step: below 0 is the final (clean) level
         return alphas[t] if t >= 0 else sched.final_alpha_cumprod.to(device)
 
-    def eps_at(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) conditional epsilon
+    def eps_at(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (B, C, s, s) conditional epsilon
         return decoder(x.to(dtype), t.repeat(B), embeds, states, mask).float()
 
-    x = image.to(device).float()  # (B, 3, S, S) x at the clean level
+    x = _decoder_encode(decoder, image.to(device)).float()  # (B, C, s, s) x at the clean level (pixels or latents)
     # The sampler steps t -> t - ratio; walk the same pairs in reverse: (t - ratio) -> t, t ascending.
     for t in _steps(sched.timesteps.flip(0), "inversion", progress):
         a_from, a_to = alpha(int(t) - ratio), alpha(int(t))
@@ -863,7 +883,7 @@ def variations(
     if invert:
         small = _resize(pixels.to(_module_device(decoder)).float(), S)  # (B, 3, S, S)
         noise = ddim_invert(decoder, small, z[::num_images], steps=inversion_steps, progress=progress)
-        init_noise = noise.repeat_interleave(num_images, dim=0)  # (B*n, 3, S, S)
+        init_noise = noise.repeat_interleave(num_images, dim=0)  # (B*n, C, s, s)
     images = sample_decoder(
         decoder, z, steps=steps, guidance=guidance, scheduler=scheduler, generator=gen,
         init_noise=init_noise, eta=eta, progress=progress,

@@ -23,6 +23,7 @@ arXiv:2106.15282). It needs no CLIP; ``--init`` only carries the other component
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genvl.config import to_dict
 from genvl.errors import ConfigError, ModelDirError
 from genvl.models.decoder import SUPERRES_SIZES, Decoder, SuperRes, decoder_config, superres_config
 from genvl.tokenizers.text import encode_texts
@@ -104,13 +106,18 @@ def _save_grid(rows: list[torch.Tensor], path: Path) -> Path:
 
 
 class DecoderTask(Task):
-    """Pixel diffusion decoder: predict the noise of a noised training image given its CLIP embedding.
+    """Diffusion decoder: predict the noise of a noised training image given its CLIP embedding.
 
     ``model`` recipe keys: ``size`` (tiny | small | base), overrides of
     :class:`~genvl.models.decoder.DecoderConfig` (``image_size`` comes from ``data.image_size``,
     ``embed_dim`` / ``text_width`` from the CLIP), ``text_conditioning`` (bool, default false: also
-    condition on the CLIP text token states), ``cond_drop`` (default 0.1) and ``snr_gamma``
-    (Min-SNR loss weighting, default 5; 0 = plain epsilon MSE).
+    condition on the CLIP text token states), ``cond_drop`` (default 0.1), ``snr_gamma``
+    (Min-SNR loss weighting, default 5; 0 = plain epsilon MSE), ``latent`` (bool, default false:
+    denoise the latents of the ``vqvae`` component of ``--init``, which the decoder then holds, frozen,
+    instead of pixels), ``fresh`` (bool: build a new decoder even when ``--init`` holds one; the
+    released directory's decoder is replaced) and ``cache_inputs`` (default true for decoders without
+    text: each training image's CLIP embedding and latents are computed once and kept by dataset
+    index, as both come from frozen models and the images are not augmented).
     """
 
     stage = "decoder"
@@ -127,6 +134,9 @@ class DecoderTask(Task):
         self.text_len = None
         self.fixed_pixels = None  # (n, 3, S, S) first training images, for the sample grid
         self.fixed_texts: list[str] = []
+        self.cache_inputs = True
+        self.fresh = False  # model.fresh: a new decoder although --init holds one
+        self._cache: dict[str, torch.Tensor] | None = None  # "z" (N, D), "x0" (N, C, s, s), "done" (N,) bool
 
     def build(self, dataset, init, tokenizer=None) -> Decoder:
         if init is None:
@@ -143,10 +153,13 @@ class DecoderTask(Task):
         text_flag = overrides.pop("text_conditioning", None)
         self.cond_drop = float(overrides.pop("cond_drop", 0.1))
         self.snr_gamma = _pop_snr_gamma(overrides)
+        latent = bool(overrides.pop("latent", False))
+        fresh = self.fresh = bool(overrides.pop("fresh", False))
+        self.cache_inputs = bool(overrides.pop("cache_inputs", True))
         if not 0.0 <= self.cond_drop <= 1.0:
             raise ConfigError(f"bad decoder model config: cond_drop must be in [0, 1], got {self.cond_drop}")
 
-        if init.has("decoder"):
+        if init.has("decoder") and not fresh:
             model = init.load("decoder")
             dc = model.config
             if dc.embed_dim != D or (dc.text_width and dc.text_width != W_clip):
@@ -161,6 +174,11 @@ class DecoderTask(Task):
                     f"model.text_conditioning is {bool(text_flag)} but the decoder in {init.path} "
                     f"{'is' if dc.text_width else 'is not'} text-conditioned"
                 )
+            if "latent" in self.cfg.model and latent != bool(dc.vae):
+                raise ConfigError(
+                    f"model.latent is {latent} but the decoder in {init.path} works in "
+                    f"{'latent' if dc.vae else 'pixel'} space (model.fresh: true builds a new one)"
+                )
         else:
             W = W_clip if text_flag else 0
             for key, value in (("image_size", S), ("embed_dim", D), ("text_width", W)):
@@ -168,11 +186,23 @@ class DecoderTask(Task):
                     where = "data.image_size" if key == "image_size" else "the CLIP core / text_conditioning"
                     raise ConfigError(f"bad decoder model config: model.{key} is fixed by {where} ({value})")
                 overrides.pop(key, None)
+            vq = None
+            if latent:
+                init.require("vqvae", purpose="a latent decoder (model.latent: true)")
+                vq = init.load("vqvae")
+                if vq.config.image_size != S:
+                    raise ConfigError(f"data.image_size is {S} but the vqvae in {init.path} works at {vq.config.image_size} px")
+                # Code vectors are unit vectors: coordinates have RMS 1/sqrt(code_dim) exactly, so this
+                # scale gives the diffusion unit-RMS latents, bounded by the scale.
+                overrides["vae"] = to_dict(vq.config)
+                overrides["latent_scale"] = math.sqrt(vq.config.code_dim)
             try:
                 dcfg = decoder_config(size, image_size=S, embed_dim=D, text_width=W, **overrides)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"bad decoder model config: {e}") from None
             model = Decoder(dcfg)
+            if vq is not None:
+                model.vae.load_state_dict(vq.state_dict())
 
         self.text = model.config.text_width > 0
         text_len = clip.config.max_text_len
@@ -192,6 +222,7 @@ class DecoderTask(Task):
         batch = {
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, S, S)
             "drop": torch.tensor(drop, dtype=torch.bool),  # (B,) unconditional samples
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),  # (B,) dataset indices
         }
         if self.text:
             texts = [it["text"] for it in items]
@@ -216,17 +247,41 @@ class DecoderTask(Task):
         out = self.clip.encode_text(input_ids, attention_mask)
         return z, out.token_states.float(), out.attention_mask
 
+    def _inputs(self, decoder: Decoder, px: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_image (B, D), x0 (B, C, s, s)) of a batch, from the cache where computed before."""
+        if not self.cache_inputs or self.text or index is None:
+            return self.clip.encode_image(px).float(), decoder.encode(px)
+        N = len(self.dataset)
+        if self._cache is None:
+            D = self.clip.config.embed_dim
+            self._cache = {
+                "z": torch.zeros(N, D, device=px.device),
+                "x0": torch.zeros(N, *decoder.sample_shape, device=px.device),
+                "done": torch.zeros(N, dtype=torch.bool, device=px.device),
+            }
+        c, idx = self._cache, index.to(px.device)
+        new = ~c["done"][idx]  # (B,) not seen before
+        if new.any():
+            c["z"][idx[new]] = self.clip.encode_image(px[new]).float()
+            c["x0"][idx[new]] = decoder.encode(px[new])
+            c["done"][idx[new]] = True
+        return c["z"][idx], c["x0"][idx]
+
     def loss(self, model, batch):
         px = batch["pixel_values"]  # (B, 3, S, S) in [-1, 1]
         B = px.shape[0]
+        decoder = getattr(model, "module", model)  # DDP wraps it; encode is the decoder's own
         with torch.no_grad():
-            z, states, mask = self._condition(px, batch.get("input_ids"), batch.get("attention_mask"))
+            z, x0 = self._inputs(decoder, px, batch.get("index"))  # (B, D), (B, C, s, s)
+            states = mask = None
+            if self.text:
+                _, states, mask = self._condition(px, batch.get("input_ids"), batch.get("attention_mask"))
             z = z * (~batch["drop"]).to(z.dtype)[:, None]  # zeros = unconditional
             if states is not None:
                 mask = mask * (~batch["text_drop"]).to(mask.dtype)[:, None]  # (B, L)
-        noise = torch.randn_like(px)  # (B, 3, S, S)
+        noise = torch.randn_like(x0)  # (B, C, s, s)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), device=px.device)
-        x_t = self.scheduler.add_noise(px, noise, t)
+        x_t = self.scheduler.add_noise(x0, noise, t)
         if states is None:
             pred = model(x_t, t, z)
         else:
@@ -251,7 +306,7 @@ class DecoderTask(Task):
         """
         device = decoder.device
         pixels = pixels.to(device)
-        n, S = pixels.shape[0], decoder.config.image_size
+        n = pixels.shape[0]
         ids = mask = None
         if self.text:
             enc = encode_texts(self.tokenizer, texts, max_length=self.text_len)
@@ -260,12 +315,12 @@ class DecoderTask(Task):
         scheduler = decoder.make_scheduler("ddim")
         scheduler.set_timesteps(steps)
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 3, S, S, generator=g).to(device) * scheduler.init_noise_sigma  # x_T
+        x = torch.randn(n, *decoder.sample_shape, generator=g).to(device) * scheduler.init_noise_sigma  # x_T
         for t in scheduler.timesteps:
             tt = t.to(device).long().expand(n)  # (n,)
             eps = decoder(x, tt, z) if states is None else decoder(x, tt, z, states, tmask)
             x = scheduler.step(eps, t, x).prev_sample
-        return x.clamp(-1, 1)
+        return decoder.decode(x)
 
     def sample(self, model, path, step):
         """Top row: fixed training images; bottom row: their reconstructions from CLIP embeddings."""
