@@ -10,6 +10,10 @@ class DataConfig:
     image_size: int = 32  # pixels after resize + center crop
     caption_dropout: float = 0.0  # probability of an empty caption (classifier-free guidance)
     num_workers: int = 0  # DataLoader worker processes
+    # Batches each worker loads ahead (only with num_workers > 0). Workers are not persistent: they
+    # restart every epoch, after the main process has set the dataset's epoch (caption dropout and
+    # the per-epoch draws of the tasks live in the workers' copies).
+    prefetch_factor: int = 2
     validate: bool = True  # check every image header before training
 
 
@@ -47,6 +51,11 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: finetune the --init component with LoRA adapters of this rank (peft)
     lora_alpha: float = 0.0  # LoRA scale numerator; 0 = lora_rank (scale 1)
     lora_targets: list = field(default_factory=list)  # module-name suffixes; empty = attention + feed-forward
+    # Speed and memory (benchmarks/train_speed.py and benchmarks/memory.py measure them):
+    compile: bool = False  # torch.compile the model's forward for the loss; checkpoints keep the plain names
+    gradient_checkpointing: bool = False  # recompute activations in backward (diffusers / transformers blocks)
+    channels_last: bool = False  # NHWC memory format for models with 2-D convolutions (UNets) and image batches
+    attention: str = "sdpa"  # sdpa | xformers (memory-efficient attention in diffusers models; needs xformers)
 
     def validate(self) -> None:
         from genvl.errors import ConfigError
@@ -73,7 +82,17 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must be >= 0"),
             (all(isinstance(t, str) for t in self.lora_targets), "lora_targets must be a list of module names"),
+            (self.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
+            (all(isinstance(v, bool) for v in (self.compile, self.gradient_checkpointing, self.channels_last)),
+             "compile, gradient_checkpointing and channels_last must be true or false"),
+            (self.attention in ("sdpa", "xformers"), "attention must be sdpa or xformers"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"bad training config: {msg}")
+        if self.attention == "xformers":
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:
+                raise ConfigError("bad training config: attention=xformers needs the xformers package "
+                                  "(pip install xformers); attention=sdpa needs nothing")

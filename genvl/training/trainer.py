@@ -41,6 +41,7 @@ from genvl.checkpoint import ModelDir, follow_refs, open_model_dir, save_model_d
 from genvl.config import save_config, to_dict
 from genvl.errors import TrainingError, describe_load_error
 from genvl.training.config import TrainConfig
+from genvl.training.speed import apply_speed_options, channels_last_batch, compile_for_training
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -295,6 +296,11 @@ def train(
     )
     main = accelerator.is_main_process
     set_seed(cfg.seed)
+    dynamo = getattr(getattr(accelerator.state, "dynamo_plugin", None), "backend", None)
+    if dynamo is not None and str(getattr(dynamo, "value", dynamo)).upper() != "NO":
+        # accelerate would wrap the model itself and save its weights as "_orig_mod.*".
+        raise TrainingError(f"the accelerate config compiles the model (dynamo_backend {dynamo.value}); "
+                            "remove that and set compile: true in the recipe instead")
 
     ckpt = find_checkpoint(run_dir, resume) if resume else None
     if resume and ckpt is None and main:
@@ -340,6 +346,9 @@ def train(
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
             n_all = sum(p.numel() for p in model.parameters())
             print(f"genvl: LoRA rank {cfg.lora_rank} on the {task.component}: training {n_train:,} of {n_all:,} parameters")
+    for note in apply_speed_options(model, cfg, what=task.component):
+        if main:
+            print(f"genvl: {note}")
 
     world = accelerator.num_processes
     if len(dataset) < cfg.batch_size * world:
@@ -351,6 +360,7 @@ def train(
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collate, drop_last=True,
         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+        prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers > 0 else None,
     )
     optimizer = torch.optim.AdamW(
         task.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -359,6 +369,10 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(cfg))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     task.to_device(accelerator.device)
+    # The loss runs through a compiled view of the prepared model; everything else (clipping,
+    # checkpoints, EMA, release, samples) uses the model itself, whose names stay unprefixed.
+    train_model = compile_for_training(model) if cfg.compile else model
+    nhwc = cfg.channels_last and any(p.dim() == 4 for p in model.parameters())
 
     ema = None
     if cfg.ema_decay > 0:
@@ -451,8 +465,10 @@ def train(
             epoch_loader.set_epoch(state["epoch"])
         for batch in epoch_loader:
             state["batch_in_epoch"] += 1
+            if nhwc:
+                batch = channels_last_batch(batch)
             with accelerator.accumulate(model):
-                loss, extra = task.loss(model, batch)
+                loss, extra = task.loss(train_model, batch)
                 nonfinite = (~torch.isfinite(loss.detach())).float()
                 if world > 1:  # every process skips (or stops) together; accelerate's reduce has max, not min
                     nonfinite = accelerator.reduce(nonfinite, "max")
@@ -608,6 +624,8 @@ def _release(task, model, state_dicts, out_dir, init_dir, cfg, state, dataset, d
     }
     if init_dir is not None:
         record["init"] = str(init_dir.path)
+        if getattr(task, "fresh", False) and init_dir.has(task.component):
+            record["fresh"] = True  # built new, replacing the init directory's component
     adapters = None
     if lora:
         record["lora"] = f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank}"
