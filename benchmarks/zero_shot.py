@@ -12,18 +12,23 @@ directory supports:
 Each point: accuracy, decoder/prior/LM/CLIP evaluations per image, seconds per image. Then the
 throughput of batched scoring (rows/s through ``DiffusionClassifier``: add_noise, gather of
 conditions, error reduction included) against a plain batched decoder forward of the same rows on
-random inputs. Writes a PNG (accuracy vs evaluations per image, log x) and JSON with the device name.
+random inputs. Writes a PNG (accuracy vs evaluations per image, log x) and JSON with the device name
+and a ``goals`` list (:func:`zero_shot_goals`): adaptive elimination within one accuracy point of
+naive scoring at far fewer evaluations; batched scoring >= 0.8x the plain forward's throughput.
+``--add-goals JSON`` writes that list into an existing results file (from its recorded points).
 
     python benchmarks/zero_shot.py --make-shapes /tmp/shapes_lab             # a 4-class labelled folder
     python benchmarks/zero_shot.py --make-digits /tmp/digits                 # sklearn's digits (if installed)
     python benchmarks/zero_shot.py --make-emoji /tmp/emoji10 --emoji-data data/emoji   # 10 emoji classes
     python benchmarks/zero_shot.py --model DIR --data /tmp/shapes_lab --limit 40 --device cpu
+    python benchmarks/zero_shot.py --add-goals benchmarks/results/zero_shot_emoji10.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -43,6 +48,87 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
+
+
+def device_label(device: torch.device) -> str:
+    """The results JSON's ``device``: the GPU's name, or the CPU with its cores and threads."""
+    if device.type == "cuda":
+        return device_name(device)
+    return f"CPU ({device_name(device)}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+ADAPTIVE_GAP = 1.0  # accuracy points an adaptive schedule may lose against naive scoring
+ADAPTIVE_EVALS = 0.5  # "far fewer": at most this fraction of the naive reference's evaluations
+SCORING_THROUGHPUT = 0.8  # batched scoring rows/s over plain forward rows/s
+
+
+def _goal(name: str, measured, unit: str, target: str, status: str, note: str) -> dict:
+    return {"name": name, "measured": measured, "unit": unit, "goal": target, "status": status, "note": note}
+
+
+def zero_shot_goals(out: dict) -> list[dict]:
+    """The goals of this benchmark, from its recorded ``points`` and ``throughput``.
+
+    Adaptive elimination (per method with naive and adaptive points): the naive reference is the
+    naive point with the most samples per class (the least noisy estimate of the classifier that
+    adaptive elimination approximates); among the adaptive schedules that use at most
+    ``ADAPTIVE_EVALS`` of its evaluations the most accurate one is compared. Met when it is at most
+    ``ADAPTIVE_GAP`` points below. Throughput: batched scoring rows/s over plain forward rows/s.
+    """
+    goals = []
+    n = out.get("n") or 0
+    points = out.get("points") or []
+    for m in ("diffusion", "prior"):
+        naive = [q for q in points if q["method"] == m and "naive" in q["label"]]
+        adaptive = [q for q in points if q["method"] == m and "adaptive" in q["label"]]
+        name = f"zero-shot {m}: adaptive elimination vs naive accuracy"
+        target = f">= -{ADAPTIVE_GAP:g} point at <= {ADAPTIVE_EVALS:g}x the evaluations"
+        if not naive or not adaptive:
+            goals.append(_goal(name, None, "accuracy points", target, "not measured here",
+                               f"no naive and adaptive {m} points in this run"))
+            continue
+        ref = max(naive, key=lambda q: (q["evals_per_image"], q["accuracy"]))
+        cheap = [q for q in adaptive if q["evals_per_image"] <= ADAPTIVE_EVALS * ref["evals_per_image"]]
+        best = max(cheap or adaptive, key=lambda q: (q["accuracy"], -q["evals_per_image"]))
+        gap = 100 * (best["accuracy"] - ref["accuracy"])
+        top = max(naive, key=lambda q: q["accuracy"])
+        met = bool(cheap) and gap >= -ADAPTIVE_GAP - 1e-4
+        note = (f"{best['label']}: {100 * best['accuracy']:.1f}% at {best['evals_per_image']:g} evals/image vs "
+                f"{ref['label']}: {100 * ref['accuracy']:.1f}% at {ref['evals_per_image']:g} "
+                f"({best['evals_per_image'] / ref['evals_per_image']:.2f}x the evaluations); best naive point "
+                f"{top['label']}: {100 * top['accuracy']:.1f}% ({100 * (best['accuracy'] - top['accuracy']):+.1f} points)")
+        if n:
+            note += f"; {n} test images, so one image is {100 / n:.2g} accuracy point(s)"
+        goals.append(_goal(name, round(gap, 3), "accuracy points", target, "met" if met else "missed", note))
+    tp = out.get("throughput")
+    name = "zero-shot batched scoring throughput vs plain decoder forward"
+    target = f">= {SCORING_THROUGHPUT:g}x"
+    if not tp:
+        goals.append(_goal(name, None, "x", target, "not measured here", "no diffusion method in this run"))
+    else:
+        ratio = tp["scoring_rows_per_s"] / tp["plain_forward_rows_per_s"]
+        goals.append(_goal(name, ratio, "x", target, "met" if ratio >= SCORING_THROUGHPUT else "missed",
+                           f"{tp['scoring_rows_per_s']:.1f} vs {tp['plain_forward_rows_per_s']:.1f} rows/s at "
+                           f"{tp['rows']} rows per forward"))
+    return goals
+
+
+def add_goals(path: Path) -> None:
+    """Write :func:`zero_shot_goals` (and the shared schema's keys) into an existing results JSON."""
+    out = json.loads(path.read_text())
+    out["goals"] = zero_shot_goals(out)
+    if out.get("device") in ("cpu", None) or "device_type" not in out:
+        out["device_type"] = "cuda" if str(out.get("device", "")).startswith("cuda") else "cpu"
+        name = out.get("device_name") or out.get("device") or "unknown"
+        out["device"] = f"CPU ({name})" if out["device_type"] == "cpu" else name
+    out.setdefault("config", {"model": out.get("model"), "data": out.get("data"), "n": out.get("n"),
+                              "note": "the run's arguments were not recorded; model, data and n from its JSON"})
+    out.setdefault("rows", out.get("points") or [])
+    out["goals_source"] = "computed from the recorded points by `zero_shot.py --add-goals` (no re-run)"
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    for g in out["goals"]:
+        print(f"[{g['status']}] {g['name']}: {g['measured']} {g['unit']} (goal {g['goal']}) -- {g['note']}")
+    print(f"wrote {path}")
 
 
 def make_shapes(out: Path, per_class: int = 20, size: int = 32) -> None:
@@ -190,8 +276,13 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=64, help="rows per forward in the throughput test")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (default 1 on CPU)")
+    p.add_argument("--add-goals", metavar="JSON", help="write the goals list into an existing results JSON and exit")
     p.add_argument("--out", default="benchmarks/results/zero_shot", help="output prefix: OUT.json and OUT.png")
     args = p.parse_args()
+    if args.add_goals:
+        add_goals(Path(args.add_goals))
+        return
     if args.make_shapes:
         make_shapes(Path(args.make_shapes))
         print(f"wrote {args.make_shapes}")
@@ -207,6 +298,8 @@ def main() -> None:
     if not (args.model and args.data):
         p.error("--model and --data are required (or --make-shapes / --make-digits / --make-emoji)")
     device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     md = open_model_dir(args.model)
     data = open_labelled(args.data, limit=args.limit)
     prompts = expand_classes(data.classes, args.template)
@@ -237,9 +330,14 @@ def main() -> None:
         tp = throughput(load_classifier(md, "diffusion", device=str(device)), args.rows, args.repeats)
         print(f"throughput: batched scoring {tp['scoring_rows_per_s']:.1f} rows/s, plain forward "
               f"{tp['plain_forward_rows_per_s']:.1f} rows/s (scoring / plain = {tp['overhead']:.2f})")
-    out = {"benchmark": "zero_shot", "device": str(device), "device_name": device_name(device),
-           "torch": torch.__version__, "model": str(md.path), "data": str(args.data), "n": len(data),
+    out = {"benchmark": "zero_shot", "device": device_label(device), "device_type": device.type,
+           "device_name": device_name(device), "torch": torch.__version__, "config": vars(args),
+           "model": str(md.path), "data": str(args.data), "n": len(data),
            "classes": data.classes, "points": points, "throughput": tp}
+    out["goals"] = zero_shot_goals(out)
+    out["rows"] = points
+    for g in out["goals"]:
+        print(f"goal [{g['status']}] {g['name']}: {g['measured']} {g['unit']} (goal {g['goal']})")
     Path(args.out + ".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     try:
         import matplotlib
