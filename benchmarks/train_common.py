@@ -323,6 +323,7 @@ class Variant:
     channels_last: bool = False
     gradient_checkpointing: bool = False
     adamw: str = "trainer"  # trainer (what genvl's trainer picks: fused on CUDA) | foreach | fused | for-loop
+    attention: str = "sdpa"  # sdpa | xformers (diffusers models)
 
 
 class BareStep:
@@ -333,7 +334,8 @@ class BareStep:
     device. No data loading, gradient clipping, EMA, LR schedule or logging.
     """
 
-    def __init__(self, setup: StageSetup, variant: Variant, device: torch.device, dataset=None):
+    def __init__(self, setup: StageSetup, variant: Variant, device: torch.device, dataset=None,
+                 batches: list[dict] | None = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import send_to_device
@@ -341,7 +343,8 @@ class BareStep:
         from genvl.training.speed import apply_speed_options, channels_last_batch, compile_for_training
 
         cfg = replace(setup.cfg, mixed_precision=variant.mixed_precision, compile=variant.compile,
-                      channels_last=variant.channels_last, gradient_checkpointing=variant.gradient_checkpointing)
+                      channels_last=variant.channels_last, gradient_checkpointing=variant.gradient_checkpointing,
+                      attention=variant.attention)
         self.cfg, self.device, self.variant = cfg, device, variant
         AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
@@ -362,14 +365,20 @@ class BareStep:
         self.model, self.optimizer = self.accelerator.prepare(model, opt)
         self.task.to_device(self.accelerator.device)
         self.train_model = compile_for_training(self.model) if cfg.compile else self.model
-        batch = self.task.collate([self.dataset[i] for i in range(cfg.batch_size)])
-        batch = send_to_device(batch, self.accelerator.device)
-        if cfg.channels_last:
-            batch = channels_last_batch(batch)
-        self.batch = batch
+        if batches is None:  # one fixed batch: the first batch_size items
+            batches = [self.task.collate([self.dataset[i] for i in range(cfg.batch_size)])]
+        self.batches = []
+        for batch in batches:
+            batch = send_to_device(batch, self.accelerator.device)
+            self.batches.append(channels_last_batch(batch) if cfg.channels_last else batch)
+        self.batch = self.batches[0]
+        self._next = 0
         self.model.train()
 
     def step(self) -> torch.Tensor:
+        """One step on the next of the given batches (in turn; always the same one when one was given)."""
+        self.batch = self.batches[self._next % len(self.batches)]
+        self._next += 1
         loss, _ = self.task.loss(self.train_model, self.batch)
         self.accelerator.backward(loss)
         self.optimizer.step()
@@ -392,7 +401,7 @@ class BareStep:
     def close(self) -> None:
         from accelerate.state import AcceleratorState
 
-        self.model = self.train_model = self.optimizer = self.task = self.batch = None
+        self.model = self.train_model = self.optimizer = self.task = self.batch = self.batches = None
         if self.variant.compile:
             torch.compiler.reset()
         AcceleratorState._reset_state()
@@ -437,16 +446,26 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps
 
 class StepClock:
     """Wraps a task's ``loss`` to stamp both clocks at every call: the time between two calls is one
-    whole iteration of the training loop (data, loss, backward, clipping, optimizer, EMA, logging)."""
+    whole iteration of the training loop (data, loss, backward, clipping, optimizer, EMA, logging).
 
-    def __init__(self, task):
+    With ``keep_from`` = k it also keeps a CPU copy of every batch from the k-th call on, so that the
+    bare step can be timed on exactly the batches of the measured iterations (:meth:`measured_batches`):
+    batches differ in cost (padded text lengths, inputs not yet cached), and a fixed batch would
+    compare the loop with a different amount of work.
+    """
+
+    def __init__(self, task, keep_from: int | None = None):
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.kept: list[dict] = []
+        self.keep_from = keep_from
         inner = task.loss
 
         def loss(model, batch):
             self.wall.append(time.perf_counter())
             self.cpu.append(time.process_time())
+            if keep_from is not None and len(self.wall) > keep_from:
+                self.kept.append({k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in batch.items()})
             return inner(model, batch)
 
         task.loss = loss
@@ -455,6 +474,11 @@ class StepClock:
         """Mean seconds per iteration after the first ``skip`` iterations (both clocks)."""
         n = len(self.wall) - 1 - skip
         return {"wall": (self.wall[-1] - self.wall[skip]) / n, "cpu": (self.cpu[-1] - self.cpu[skip]) / n}
+
+    def measured_batches(self) -> list[dict]:
+        """The batches of the iterations :meth:`per_step` (with ``skip`` = ``keep_from``) times: those
+        of the calls ``keep_from`` .. last - 1 (the last call's iteration ends after the clock)."""
+        return self.kept[:-1]
 
 
 def rss_bytes() -> int:

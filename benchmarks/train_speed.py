@@ -53,6 +53,33 @@ from train_common import (  # noqa: E402
 IMAGES_PER_BATCH = 8  # synthetic images per micro-batch: an epoch is 8 steps
 
 
+#: stages whose models are diffusers' (their attention can run on xformers)
+XFORMERS_STAGES = ("decoder", "prior")
+
+
+def has_xformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("xformers") is not None
+
+
+def xformers_goal(stage: str, rows: list[dict], gpu: bool, device: torch.device) -> dict:
+    """xformers against SDPA attention, both bf16 eager: the trainer keeps SDPA unless xformers is faster."""
+    name = f"{stage} attention: xformers vs sdpa"
+    by = {r["variant"]: r for r in rows if "step_s" in r}
+    if not gpu or not has_xformers():
+        why = "no GPU (xformers kernels are CUDA only)" if not gpu else "xformers is not installed (pip install genvl[xformers])"
+        return goal(name, None, "x", "measured both ways; use the faster", "not measured here", why)
+    if "bf16 eager xformers" not in by or "bf16 eager" not in by:
+        err = next((r.get("error") for r in rows if r.get("variant") == "bf16 eager xformers"), "no row")
+        return goal(name, None, "x", "measured both ways; use the faster", "not measured here", f"xformers run failed: {err}")
+    ratio = by["bf16 eager"]["step_s"] / by["bf16 eager xformers"]["step_s"]
+    pick = "xformers" if ratio > 1 else "sdpa"
+    return goal(name, ratio, "x sdpa speed", "measured both ways; use the faster", "met",
+                f"xformers {by['bf16 eager xformers']['samples_per_s']:.0f} vs sdpa {by['bf16 eager']['samples_per_s']:.0f} "
+                f"samples/s on {device_name(device)}: attention={pick} is the faster")
+
+
 def variants_for(stage: str, gpu: bool, fast_dtype: str | None) -> list[Variant]:
     """Variants in measuring order; ``fast_dtype`` (CPU) is the faster of fp32 / bf16 once both are measured."""
     if gpu:
@@ -61,6 +88,8 @@ def variants_for(stage: str, gpu: bool, fast_dtype: str | None) -> list[Variant]
         if stage == "decoder":
             out += [Variant("bf16 channels-last", "bf16", channels_last=True),
                     Variant("bf16 compile channels-last", "bf16", compile=True, channels_last=True)]
+        if stage in XFORMERS_STAGES and has_xformers():
+            out.append(Variant("bf16 eager xformers", "bf16", attention="xformers"))
         return out
     out = [Variant("fp32 eager"), Variant("bf16 eager", "bf16"), Variant("fp32 eager, fused AdamW", adamw="fused")]
     if fast_dtype is not None:
@@ -125,11 +154,21 @@ def loop_rate(setup, out_dir: Path, warm_steps: int, measure_steps: int, mixed_p
     cfg = replace(setup.cfg, max_steps=warm_steps + measure_steps, log_every=max(1, measure_steps // 2),
                   ema_decay=0.999, mixed_precision=mixed_precision, save_every=0, sample_every=0, tracker="none")
     task = get_task(setup.stage, cfg)
-    clock = StepClock(task)
+    clock = StepClock(task, keep_from=warm_steps)
     res = train(task, setup.data, out_dir, init=setup.init, progress=False)
     per = clock.per_step(skip=warm_steps)
     return {"step_wall_s": per["wall"], "step_cpu_s": per["cpu"], "steps": measure_steps, "ema_decay": cfg.ema_decay,
-            "final_loss": res.final_loss}
+            "final_loss": res.final_loss, "batches": clock.measured_batches()}
+
+
+def replay_rate(setup, variant, device: torch.device, batches: list[dict], clock: str) -> dict:
+    """The bare step timed on exactly the loop's measured batches, after one untimed pass over them
+    (which fills the tasks' input caches as the loop's first epoch did)."""
+    bare = BareStep(setup, variant, device, batches=batches)
+    try:
+        return time_steps(bare.step, device, warmup=len(batches), steps=len(batches), clock=clock)
+    finally:
+        bare.close()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -250,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
                               f"{best['mfu_pct']:.1f}% MFU against the measured "
                               f"{'bf16' if best['mixed_precision'] == 'bf16' else 'fp32'} dense rate"))
 
+        if stage in XFORMERS_STAGES:
+            goals.append(xformers_goal(stage, stage_rows, gpu, device))
         if args.no_loop or best is None:
             continue
         # (b) the DataLoader against the fastest step
@@ -277,13 +318,21 @@ def main(argv: list[str] | None = None) -> dict:
                          mixed_precision="bf16" if gpu else "no")
         loop["step_s"] = loop["step_cpu_s"] if clock == "cpu" else loop["step_wall_s"]
         loop["samples_per_s"] = batch / loop["step_s"]
-        ratio = loop["samples_per_s"] / ref["samples_per_s"]
+        # the baseline: the bare step of the same variant on the very batches the loop measured
+        batches = loop.pop("batches")
+        ref_variant = next(v for v in variants_for(stage, gpu, fast_dtype) if v.name == ref_name)
+        replay = replay_rate(setup, ref_variant, device, batches, clock)
+        replay_sps = batch / replay["step_s"]
+        ratio = loop["samples_per_s"] / replay_sps
         rows.append({"stage": stage, "variant": f"genvl train loop ({ref_name})", **loop,
-                     "bare_samples_per_s": ref["samples_per_s"], "ratio": ratio})
+                     "bare_samples_per_s": replay_sps, "bare_step_s": replay["step_s"],
+                     "bare_fixed_batch_samples_per_s": ref["samples_per_s"], "ratio": ratio})
+        print(f"  {'bare step, same batches':<28} {replay['step_s'] * 1000:9.1f} ms/step  {replay_sps:8.1f} samples/s")
         print(f"  {'genvl train loop':<28} {loop['step_s'] * 1000:9.1f} ms/step  {loop['samples_per_s']:8.1f} "
               f"samples/s = {ratio:.3f} x the bare step")
         goals.append(goal(f"{stage} train loop / bare step", ratio, "x", ">= 0.95", at_least(ratio, 0.95),
-                          f"{ref_name}, EMA on, {workers} loader workers, on {device_name(device)}"))
+                          f"{ref_name}, EMA on, {workers} loader workers, bare step timed on the loop's own "
+                          f"{len(batches)} batches, on {device_name(device)}"))
 
     # tables
     print(f"\n{'stage':<8} {'variant':<28} {'ms/step':>9} {'samples/s':>10} {'TFLOP/s':>8} {'MFU %':>6} "

@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     history = {}
     for name, rec in meta.get("training", {}).items():
         history.update(_with_history(name, rec))
+    for name, rec in meta.get("training", {}).items():
+        if rec.get("fresh"):  # built new, replacing the init's component: its earlier records are not its own
+            history = {k: v for k, v in history.items() if not k.startswith(f"{name}, ")}
     meta["training"] = history
     for extra_dir in args.extra:
         em = open_model_dir(extra_dir)

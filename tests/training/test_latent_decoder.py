@@ -118,11 +118,12 @@ def test_latent_decoder_trains_from_a_vqvae_and_caches_inputs(shapes_dir, clip_v
     # the cache holds exactly what the frozen models give for the images seen
     ds = open_image_text(shapes_dir, image_size=32)
     cache = task._cache
-    seen = cache["done"].nonzero().flatten()
-    assert len(seen) > 0
+    seen = cache.done.nonzero().flatten()
+    assert len(seen) > 0 and cache.computed == len(seen)  # each image encoded once
     px = torch.stack([ds[int(i)]["pixel_values"] for i in seen])
-    assert torch.allclose(cache["z"][seen], task.clip.encode_image(px).float(), atol=1e-5)
-    assert torch.allclose(cache["x0"][seen], dec.encode(px), atol=1e-5)
+    z, x0 = cache.store
+    assert torch.allclose(z[seen], task.clip.encode_image(px).float(), atol=1e-5)
+    assert torch.allclose(x0[seen], dec.encode(px), atol=1e-5)
     # a pixel decoder is not continued as a latent one; fresh: true replaces it
     with pytest.raises(ConfigError, match="pixel space"):
         train(DecoderTask(cfg("max_steps=1", "model.latent=true")), shapes_dir, tmp_path / "bad",

@@ -35,6 +35,7 @@ from genvl.config import to_dict
 from genvl.errors import ConfigError, ModelDirError
 from genvl.models.decoder import SUPERRES_SIZES, Decoder, SuperRes, decoder_config, superres_config
 from genvl.tokenizers.text import encode_texts
+from genvl.training.cache import EncodingCache
 from genvl.training.trainer import Task
 
 NUM_FIXED = 8  # training images shown in the sample grids
@@ -136,7 +137,7 @@ class DecoderTask(Task):
         self.fixed_texts: list[str] = []
         self.cache_inputs = True
         self.fresh = False  # model.fresh: a new decoder although --init holds one
-        self._cache: dict[str, torch.Tensor] | None = None  # "z" (N, D), "x0" (N, C, s, s), "done" (N,) bool
+        self._cache: EncodingCache | None = None  # z (N, D) [and latents (N, C, s, s)] by dataset index
 
     def build(self, dataset, init, tokenizer=None) -> Decoder:
         if init is None:
@@ -248,24 +249,19 @@ class DecoderTask(Task):
         return z, out.token_states.float(), out.attention_mask
 
     def _inputs(self, decoder: Decoder, px: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_image (B, D), x0 (B, C, s, s)) of a batch, from the cache where computed before."""
+        """(z_image (B, D), x0 (B, C, s, s)) of a batch, from the cache where computed before.
+
+        A pixel decoder's x0 is the batch itself, so only the CLIP embedding is cached; a latent
+        decoder caches its latents beside it.
+        """
         if not self.cache_inputs or self.text or index is None:
             return self.clip.encode_image(px).float(), decoder.encode(px)
-        N = len(self.dataset)
         if self._cache is None:
-            D = self.clip.config.embed_dim
-            self._cache = {
-                "z": torch.zeros(N, D, device=px.device),
-                "x0": torch.zeros(N, *decoder.sample_shape, device=px.device),
-                "done": torch.zeros(N, dtype=torch.bool, device=px.device),
-            }
-        c, idx = self._cache, index.to(px.device)
-        new = ~c["done"][idx]  # (B,) not seen before
-        if new.any():
-            c["z"][idx[new]] = self.clip.encode_image(px[new]).float()
-            c["x0"][idx[new]] = decoder.encode(px[new])
-            c["done"][idx[new]] = True
-        return c["z"][idx], c["x0"][idx]
+            self._cache = EncodingCache(len(self.dataset))
+        if decoder.vae is None:
+            (z,) = self._cache.lookup(index, lambda rows: (self.clip.encode_image(px[rows]).float(),))
+            return z, decoder.encode(px)
+        return self._cache.lookup(index, lambda rows: (self.clip.encode_image(px[rows]).float(), decoder.encode(px[rows])))
 
     def loss(self, model, batch):
         px = batch["pixel_values"]  # (B, 3, S, S) in [-1, 1]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from genvl.errors import ConfigError, ModelDirError
 from genvl.models.prior import DiffusionPrior, prior_config, unconditional_text
 from genvl.tokenizers.text import encode_texts
+from genvl.training.cache import EncodingCache
 from genvl.training.trainer import Task
 
 STATS_MAX_IMAGES = 2000  # images used to measure the embedding mean / std of a new prior
@@ -58,7 +59,9 @@ class PriorTask(Task):
     """Diffusion prior: predict the clean CLIP image embedding from a noised one and the caption.
 
     ``model`` recipe keys: ``size`` (tiny | small | base) and overrides of
-    :class:`~genvl.models.prior.PriorConfig` (``embed_dim`` and ``text_width`` come from the CLIP).
+    :class:`~genvl.models.prior.PriorConfig` (``embed_dim`` and ``text_width`` come from the CLIP),
+    and ``cache_inputs`` (default true: each training image's CLIP embedding is computed once and
+    kept by dataset index; captions are encoded every step, as their variants change per epoch).
     """
 
     stage = "prior"
@@ -69,6 +72,9 @@ class PriorTask(Task):
         self.clip = None
         self.scheduler = None
         self.text_len = None
+        self.dataset_size = 0
+        self.cache_inputs = True
+        self._cache: EncodingCache | None = None  # CLIP image embeddings (N, D) by dataset index
 
     def build(self, dataset, init, tokenizer=None) -> DiffusionPrior:
         from accelerate import PartialState
@@ -76,6 +82,8 @@ class PriorTask(Task):
         if init is None:
             raise ModelDirError("the prior stage needs --init DIR: a model directory with a trained clip component")
         init.require("clip", purpose="training the prior (--init)")
+        self.cache_inputs = bool(self.cfg.model.get("cache_inputs", True))
+        self.dataset_size = len(dataset)
         clip = init.load("clip")
         clip.requires_grad_(False)
         self.clip = clip.eval()
@@ -96,6 +104,7 @@ class PriorTask(Task):
                 )
         else:
             overrides = dict(self.cfg.model)
+            overrides.pop("cache_inputs", None)
             size = overrides.pop("size", "tiny")
             for key, value in (("embed_dim", D), ("text_width", W)):
                 if key in overrides and overrides[key] != value:
@@ -123,15 +132,28 @@ class PriorTask(Task):
             "input_ids": enc["input_ids"],  # (B, L)
             "attention_mask": enc["attention_mask"],  # (B, L)
             "uncond": torch.tensor([not t.strip() for t in texts], dtype=torch.bool),  # (B,) dropped captions
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),  # (B,) dataset indices
         }
 
     def to_device(self, device: torch.device) -> None:
         self.clip.to(device)
 
+    def _image_embeds(self, batch) -> torch.Tensor:
+        """(B, D) CLIP image embeddings of the batch; with ``model.cache_inputs`` (default true) each
+        training image is encoded once (the images are not augmented), the captions every time
+        (their variants and dropout change per epoch)."""
+        px = batch["pixel_values"]
+        if not self.cache_inputs or "index" not in batch or self.dataset_size < 1:
+            return self.clip.encode_image(px).float()
+        if self._cache is None:
+            self._cache = EncodingCache(self.dataset_size)
+        (z,) = self._cache.lookup(batch["index"], lambda rows: (self.clip.encode_image(px[rows]).float(),))
+        return z
+
     def loss(self, model, batch):
         prior = getattr(model, "module", model)
         with torch.no_grad():
-            z_image = self.clip.encode_image(batch["pixel_values"]).float()  # (B, D) unit vectors
+            z_image = self._image_embeds(batch)  # (B, D) unit vectors
             text = self.clip.encode_text(batch["input_ids"], batch["attention_mask"])
             embeds = text.embeds.float()  # (B, D)
             states = text.token_states.float()  # (B, L, W)
