@@ -157,14 +157,11 @@ def _wait(drv, until, timeout: float, what: str):
         pytest.fail(f"timed out after {timeout} s waiting for {what}; messages on the page: {alerts}")
 
 
-def _panel(drv):
-    """The visible tab's panel (streamlit renders only the selected tab)."""
-    return drv.find_element(_by().CSS_SELECTOR, '[role="tabpanel"]')
-
-
 def _number_input(drv, label: str):
-    return _panel(drv).find_element(
-        _by().XPATH, f'.//div[@data-testid="stNumberInput"][.//p[normalize-space()="{label}"]]//input')
+    """The visible tab's number input labelled LABEL, waiting for it: the tab renders its inputs only once
+    the model has loaded, which the first visit to the built-in demo can take a while to do."""
+    xpath = f'//*[@role="tabpanel"]//div[@data-testid="stNumberInput"][.//p[normalize-space()="{label}"]]//input'
+    return _wait(drv, lambda d: d.find_elements(_by().XPATH, xpath), RUN_TIMEOUT, f"the {label} input")[0]
 
 
 def _idle(drv) -> None:
