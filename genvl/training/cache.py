@@ -50,30 +50,33 @@ class EncodingCache:
         Returns:
             one (B, ...) tensor per output of ``compute``.
         """
-        if not self.enabled:
-            return tuple(compute(torch.ones(index.shape[0], dtype=torch.bool, device=index.device)))
-        if self.store is None:
+        if self.store is None or not self.enabled:
             every = torch.ones(index.shape[0], dtype=torch.bool, device=index.device)
             outs = tuple(compute(every))
-            per_item = sum(o[0].numel() * o.element_size() for o in outs)
-            if per_item * self.size > self.budget_bytes:
-                self.enabled = False
-                return outs
-            device = outs[0].device
-            self.store = [torch.zeros(self.size, *o.shape[1:], dtype=o.dtype, device=device) for o in outs]
-            self.done = torch.zeros(self.size, dtype=torch.bool, device=device)
-            idx = index.to(device)
-            for s, o in zip(self.store, outs):
-                s[idx] = o
-            self.done[idx] = True
-            self.computed += index.shape[0]
+            if self.enabled and self._allocate(outs):
+                self._write(index, every, outs)
             return outs
         idx = index.to(self.done.device)
         new = ~self.done[idx]  # (B,) rows not seen before
         if bool(new.any()):
-            outs = compute(new.to(index.device))
-            for s, o in zip(self.store, outs):
-                s[idx[new]] = o.to(s.dtype)
-            self.done[idx[new]] = True
-            self.computed += int(new.sum())
+            self._write(idx, new, compute(new.to(index.device)))
         return tuple(s[idx] for s in self.store)
+
+    def _allocate(self, outs: Sequence[torch.Tensor]) -> bool:
+        """Make the store for outputs shaped like ``outs``; False (and disabled) past the budget."""
+        per_item = sum(o[0].numel() * o.element_size() for o in outs)
+        if per_item * self.size > self.budget_bytes:
+            self.enabled = False
+            return False
+        device = outs[0].device
+        self.store = [torch.zeros(self.size, *o.shape[1:], dtype=o.dtype, device=device) for o in outs]
+        self.done = torch.zeros(self.size, dtype=torch.bool, device=device)
+        return True
+
+    def _write(self, index: torch.Tensor, rows: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
+        """Store ``outs`` (each (rows.sum(), ...)) at the dataset indices ``index[rows]``."""
+        idx = index.to(self.done.device)[rows.to(self.done.device)]
+        for s, o in zip(self.store, outs):
+            s[idx] = o.to(s.dtype)
+        self.done[idx] = True
+        self.computed += idx.shape[0]
