@@ -385,6 +385,24 @@ class BareStep:
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
+    def timed(self, batch: dict) -> tuple[float, float]:
+        """One step on ``batch`` (a batch of the loop, already on the device): its (wall, CPU) seconds."""
+        from accelerate.utils import send_to_device
+
+        from genvl.training.speed import channels_last_batch
+
+        batch = send_to_device(batch, self.accelerator.device)
+        if self.cfg.channels_last:
+            batch = channels_last_batch(batch)
+        sync(self.device)
+        t, c = time.perf_counter(), time.process_time()
+        loss, _ = self.task.loss(self.train_model, batch)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sync(self.device)
+        return time.perf_counter() - t, time.process_time() - c
+
     def count_flops(self) -> int:
         """FLOPs of one forward + backward of the task's loss (matmuls, convolutions, attention)."""
         from torch.utils.flop_counter import FlopCounterMode
@@ -448,37 +466,50 @@ class StepClock:
     """Wraps a task's ``loss`` to stamp both clocks at every call: the time between two calls is one
     whole iteration of the training loop (data, loss, backward, clipping, optimizer, EMA, logging).
 
-    With ``keep_from`` = k it also keeps a CPU copy of every batch from the k-th call on, so that the
-    bare step can be timed on exactly the batches of the measured iterations (:meth:`measured_batches`):
-    batches differ in cost (padded text lengths, inputs not yet cached), and a fixed batch would
-    compare the loop with a different amount of work.
+    ``pair``: a callable run on every batch at the start of each iteration, outside the timed
+    interval (the loop's iteration is timed from its return to the next call); it returns its own
+    ``(wall, cpu)`` seconds, kept from the ``keep_from``-th call on (:meth:`paired`). With the bare
+    step as ``pair``, loop and bare step are timed step by step, alternately, on the same batches
+    (batches differ in cost: padded text lengths, inputs not yet cached), and a machine whose speed
+    drifts over a run (a shared VM) slows both alike.
     """
 
-    def __init__(self, task, keep_from: int | None = None):
+    def __init__(self, task, keep_from: int | None = None,
+                 pair: Callable[[dict], tuple[float, float]] | None = None):
         self.wall: list[float] = []
         self.cpu: list[float] = []
-        self.kept: list[dict] = []
-        self.keep_from = keep_from
+        self.resume_wall: list[float] = []
+        self.resume_cpu: list[float] = []
+        self.pair_times: list[tuple[float, float]] = []
         inner = task.loss
 
         def loss(model, batch):
             self.wall.append(time.perf_counter())
             self.cpu.append(time.process_time())
-            if keep_from is not None and len(self.wall) > keep_from:
-                self.kept.append({k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+            if pair is not None:
+                t = pair(dict(batch))
+                if keep_from is None or len(self.wall) > keep_from:
+                    self.pair_times.append(t)
+            self.resume_wall.append(time.perf_counter())
+            self.resume_cpu.append(time.process_time())
             return inner(model, batch)
 
         task.loss = loss
 
+    def durations(self, skip: int, clock: str) -> list[float]:
+        """Seconds of each iteration after the first ``skip`` (``clock``: wall or cpu): from the
+        return of one call's ``pair`` (its start when there is none) to the next call."""
+        ends = (self.cpu if clock == "cpu" else self.wall)[skip + 1:]
+        starts = (self.resume_cpu if clock == "cpu" else self.resume_wall)[skip:]
+        return [b - a for a, b in zip(starts, ends)]
+
     def per_step(self, skip: int) -> dict[str, float]:
         """Mean seconds per iteration after the first ``skip`` iterations (both clocks)."""
-        n = len(self.wall) - 1 - skip
-        return {"wall": (self.wall[-1] - self.wall[skip]) / n, "cpu": (self.cpu[-1] - self.cpu[skip]) / n}
+        return {c: statistics.mean(self.durations(skip, c)) for c in ("wall", "cpu")}
 
-    def measured_batches(self) -> list[dict]:
-        """The batches of the iterations :meth:`per_step` (with ``skip`` = ``keep_from``) times: those
-        of the calls ``keep_from`` .. last - 1 (the last call's iteration ends after the clock)."""
-        return self.kept[:-1]
+    def paired(self, clock: str) -> list[float]:
+        """Seconds of ``pair`` on the batches of the iterations :meth:`durations` times (same order)."""
+        return [t[0] if clock == "wall" else t[1] for t in self.pair_times[:-1]]
 
 
 def rss_bytes() -> int:

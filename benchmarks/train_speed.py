@@ -15,7 +15,8 @@ token LM on the codes of a fresh VQ-VAE), and measured in one run:
   of a 2048^3 matmul and a 3x3 convolution, see ``train_common.dense_rate``);
 - AdamW's ``step()`` alone for the for-loop, foreach and fused implementations;
 - the full ``genvl train`` loop (:func:`genvl.training.train`: data loading, clipping, LR schedule,
-  EMA, logging) against the bare step of the same recipe: goal loop >= 0.95 x bare;
+  EMA, logging) over three epochs after a warm one, against the bare step timed on exactly the
+  batches of those epochs: goal loop >= 0.95 x bare (the ratio of the per-step medians beside it);
 - the trainer's DataLoader (the stage's dataset and collate, ``--workers`` workers) in batches/s
   against the fastest step rate: goal loader >= steps.
 
@@ -26,6 +27,10 @@ Printed as tables; written as JSON (schema in ``benchmarks/train_common.py``) wi
     python benchmarks/train_speed.py                         # GPU: base sizes, bf16, compile
     python benchmarks/train_speed.py --device cpu            # CPU: small sizes, 1 thread
     python benchmarks/train_speed.py --stages decoder,lm --size tiny --steps 2 --no-loop
+    python benchmarks/train_speed.py --device cpu --skip "bf16 eager,bf16 compile" --merge   # rerun a part
+
+``--merge`` lays a partial rerun (some stages, some variants skipped) over the existing results file
+of the same device and size, keeping what was not rerun (marked ``from_earlier_run``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from train_common import (  # noqa: E402
 
 
 IMAGES_PER_BATCH = 8  # synthetic images per micro-batch: an epoch is 8 steps
+LOOP_EPOCHS = 3  # epochs the loop (and the bare step on its batches) is timed over, after one warm epoch
 
 
 #: stages whose models are diffusers' (their attention can run on xformers)
@@ -145,30 +151,68 @@ def loader_rate(setup, device: torch.device, batches: int) -> dict[str, float]:
     return {"wall": batches / (time.perf_counter() - t), "cpu": batches / max(time.process_time() - c, 1e-9)}
 
 
-def loop_rate(setup, out_dir: Path, warm_steps: int, measure_steps: int, mixed_precision: str) -> dict:
-    """Seconds per step of :func:`genvl.training.train` (both clocks) after ``warm_steps`` steps (the
-    first epoch: caches, compilation), from the time between the loss calls of consecutive steps."""
+def loop_rate(setup, variant, device: torch.device, out_dir: Path, warm_steps: int, measure_steps: int,
+              clock: str) -> dict:
+    """Seconds per step of :func:`genvl.training.train` after ``warm_steps`` steps (the first epoch:
+    caches, compilation), from the time between the loss calls of consecutive steps, and of the bare
+    step of ``variant`` run alternately with it: at every loss call the bare step (its own model and
+    optimizer) first trains on the same batch, outside the loop's timed interval. Both see the same
+    batches in the same order and the same machine at the same moment."""
     from genvl.training import train
     from genvl.training.tasks import get_task
 
     cfg = replace(setup.cfg, max_steps=warm_steps + measure_steps, log_every=max(1, measure_steps // 2),
-                  ema_decay=0.999, mixed_precision=mixed_precision, save_every=0, sample_every=0, tracker="none")
-    task = get_task(setup.stage, cfg)
-    clock = StepClock(task, keep_from=warm_steps)
-    res = train(task, setup.data, out_dir, init=setup.init, progress=False)
-    per = clock.per_step(skip=warm_steps)
-    return {"step_wall_s": per["wall"], "step_cpu_s": per["cpu"], "steps": measure_steps, "ema_decay": cfg.ema_decay,
-            "final_loss": res.final_loss, "batches": clock.measured_batches()}
-
-
-def replay_rate(setup, variant, device: torch.device, batches: list[dict], clock: str) -> dict:
-    """The bare step timed on exactly the loop's measured batches, after one untimed pass over them
-    (which fills the tasks' input caches as the loop's first epoch did)."""
-    bare = BareStep(setup, variant, device, batches=batches)
+                  ema_decay=0.999, mixed_precision=variant.mixed_precision, save_every=0, sample_every=0,
+                  tracker="none")
+    bare = BareStep(setup, variant, device)
     try:
-        return time_steps(bare.step, device, warmup=len(batches), steps=len(batches), clock=clock)
+        task = get_task(setup.stage, cfg)
+        steps = StepClock(task, keep_from=warm_steps, pair=bare.timed)
+        res = train(task, setup.data, out_dir, init=setup.init, progress=False)
     finally:
         bare.close()
+    loop_s, bare_s = steps.durations(warm_steps, clock), steps.paired(clock)
+    return {"step_wall_s": steps.per_step(warm_steps)["wall"], "step_cpu_s": steps.per_step(warm_steps)["cpu"],
+            "step_s": statistics.mean(loop_s), "step_all_s": loop_s, "step_median_s": statistics.median(loop_s),
+            "bare_step_s": statistics.mean(bare_s), "bare_step_all_s": bare_s,
+            "bare_step_median_s": statistics.median(bare_s),
+            "ratio_median": statistics.median(b / max(x, 1e-12) for b, x in zip(bare_s, loop_s)),
+            "steps": measure_steps, "ema_decay": cfg.ema_decay, "final_loss": res.final_loss}
+
+
+def merge_previous(path: str, device: torch.device, size: str, rows: list[dict], goals: list[dict],
+                   summary: dict) -> tuple[list[dict], list[dict], dict, dict | None]:
+    """Rows, goals and stage summaries of this run laid over those of the results file at ``path``
+    (same device only): new entries replace old ones with the same (stage, variant) / goal name /
+    stage, old ones not measured now are kept and marked ``"from_earlier_run": true``."""
+    import json
+
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return rows, goals, summary, None
+    if old.get("device") != device_name(device):
+        raise SystemExit(f"--merge: {path} was measured on {old.get('device')!r}, not on {device_name(device)!r}; "
+                         "write to another --json file")
+    if old.get("size") != size:
+        raise SystemExit(f"--merge: {path} holds size {old.get('size')!r}, this run size {size!r}; write to another --json file")
+    new_rows = {(r["stage"], r["variant"]) for r in rows}
+    # a stage's MFU goal names its best variant: while variants of the earlier run are kept beside
+    # this run's (a partial rerun with --skip), that earlier goal stays
+    partial = {r.get("stage") for r in old.get("rows", []) if "mfu_pct" in r and (r.get("stage"), r.get("variant"))
+               not in new_rows}
+    goals = [g for g in goals if not (g["name"].endswith(" MFU") and g["name"][: -len(" MFU")] in partial
+                                      and any(o.get("name") == g["name"] for o in old.get("goals", [])))]
+    new_goals = {g["name"] for g in goals}
+    kept_rows = [{**r, "from_earlier_run": True} for r in old.get("rows", [])
+                 if (r.get("stage"), r.get("variant")) not in new_rows]
+    kept_goals = [{**g, "from_earlier_run": True} for g in old.get("goals", []) if g.get("name") not in new_goals]
+    stages = {**old.get("stages", {}), **summary}
+    order = list(stages)  # stages in the order first measured
+    rows = sorted(kept_rows + rows, key=lambda r: order.index(r["stage"]) if r["stage"] in order else len(order))
+    goals = kept_goals + goals
+    return rows, goals, stages, {"path": path, "config": old.get("config"), "kept_rows": len(kept_rows),
+                                 "kept_goals": len(kept_goals)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -188,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip", default="", help="comma-separated variant names to leave out")
     p.add_argument("--work", help="folder for the synthetic data and model directories (default: a temp folder)")
     p.add_argument("--json", default="benchmarks/results/train_speed.json", help="where to write the results")
+    p.add_argument("--merge", action="store_true",
+                   help="update the --json file instead of replacing it: rows (by stage and variant), goals (by "
+                        "name) and stage summaries measured now replace the old ones, the rest are kept (for "
+                        "rerunning part of the benchmark on the same device)")
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
@@ -314,25 +362,27 @@ def main(argv: list[str] | None = None) -> dict:
         ref = next((r for r in stage_rows if r["variant"] == ref_name and "step_s" in r), None)
         if ref is None:
             continue
-        loop = loop_rate(setup, work / f"loop-{stage}", warm_steps=IMAGES_PER_BATCH, measure_steps=IMAGES_PER_BATCH,
-                         mixed_precision="bf16" if gpu else "no")
-        loop["step_s"] = loop["step_cpu_s"] if clock == "cpu" else loop["step_wall_s"]
-        loop["samples_per_s"] = batch / loop["step_s"]
-        # the baseline: the bare step of the same variant on the very batches the loop measured
-        batches = loop.pop("batches")
         ref_variant = next(v for v in variants_for(stage, gpu, fast_dtype) if v.name == ref_name)
-        replay = replay_rate(setup, ref_variant, device, batches, clock)
-        replay_sps = batch / replay["step_s"]
+        loop = loop_rate(setup, ref_variant, device, work / f"loop-{stage}", warm_steps=IMAGES_PER_BATCH,
+                         measure_steps=LOOP_EPOCHS * IMAGES_PER_BATCH, clock=clock)
+        loop["samples_per_s"] = batch / loop["step_s"]
+        replay_sps = batch / loop["bare_step_s"]
         ratio = loop["samples_per_s"] / replay_sps
+        ratio_median = loop["ratio_median"]
         rows.append({"stage": stage, "variant": f"genvl train loop ({ref_name})", **loop,
-                     "bare_samples_per_s": replay_sps, "bare_step_s": replay["step_s"],
-                     "bare_fixed_batch_samples_per_s": ref["samples_per_s"], "ratio": ratio})
-        print(f"  {'bare step, same batches':<28} {replay['step_s'] * 1000:9.1f} ms/step  {replay_sps:8.1f} samples/s")
+                     "bare_samples_per_s": replay_sps, "bare_fixed_batch_samples_per_s": ref["samples_per_s"],
+                     "ratio": ratio})
+        print(f"  {'bare step, same batches':<28} {loop['bare_step_s'] * 1000:9.1f} ms/step  {replay_sps:8.1f} samples/s")
         print(f"  {'genvl train loop':<28} {loop['step_s'] * 1000:9.1f} ms/step  {loop['samples_per_s']:8.1f} "
-              f"samples/s = {ratio:.3f} x the bare step")
+              f"samples/s = {ratio:.3f} x the bare step (median of per-step ratios: {ratio_median:.3f})")
+        extra_ms = (loop["step_s"] - loop["bare_step_s"]) * 1000
+        loader_ms = 1000 / lrate if workers == 0 else None  # in-process loading is part of the loop's step
         goals.append(goal(f"{stage} train loop / bare step", ratio, "x", ">= 0.95", at_least(ratio, 0.95),
-                          f"{ref_name}, EMA on, {workers} loader workers, bare step timed on the loop's own "
-                          f"{len(batches)} batches, on {device_name(device)}"))
+                          f"{ref_name}, EMA on, {workers} loader workers, bare step timed alternately with the loop "
+                          f"on its {len(loop['step_all_s'])} batches (median of per-step ratios {ratio_median:.3f}); "
+                          f"the loop takes {extra_ms:+.1f} ms/step over the bare step"
+                          + (f", of which loading a batch in-process is {loader_ms:.1f} ms" if loader_ms else "")
+                          + f"; on {device_name(device)}"))
 
     # tables
     print(f"\n{'stage':<8} {'variant':<28} {'ms/step':>9} {'samples/s':>10} {'TFLOP/s':>8} {'MFU %':>6} "
@@ -359,6 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{stage:<8} {(s['flops_per_step'] or 0) / 1e9:11.2f} {s['trainable_params'] or 0:10,d} {cells}")
     print()
     print_goals(goals)
+    merged_from = None
+    if args.merge:
+        rows, goals, summary, merged_from = merge_previous(args.json, device, size, rows, goals, summary)
     result = write_result(
         args.json, "train_speed", device, args, goals, rows, size=size, steps=steps,
         cpu_load_average={"start": load_start, "end": load_average()} if not gpu else None,
@@ -371,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
                                "measured in this run (bf16 autocast rows: bf16; fp32 rows: fp32)"
                                + ("; CPU: the faster of a 2048^3 matmul and a 3x3 convolution on the threads in use, "
                                   "not a GPU peak" if not gpu else "; CUDA: 8192^3 matmul, TF32 off")},
-        stages=summary,
+        stages=summary, merged_from=merged_from,
         flop_counting="torch.utils.flop_counter.FlopCounterMode over one forward + backward of task.loss "
                       "(fp32 eager model; matmul, convolution and attention FLOPs; frozen encoders in the loss included)",
     )

@@ -41,7 +41,7 @@ from genvl.checkpoint import ModelDir, follow_refs, open_model_dir, save_model_d
 from genvl.config import save_config, to_dict
 from genvl.errors import TrainingError, describe_load_error
 from genvl.training.config import TrainConfig
-from genvl.training.speed import apply_speed_options, channels_last_batch, compile_for_training
+from genvl.training.speed import apply_speed_options, channels_last_batch, compile_for_training, make_ema
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -376,12 +376,7 @@ def train(
 
     ema = None
     if cfg.ema_decay > 0:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(
-            [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad],
-            decay=cfg.ema_decay, foreach=True,
-        )
+        ema = make_ema([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad], cfg.ema_decay)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "seconds": 0.0}
     if ckpt is not None:

@@ -190,3 +190,45 @@ def test_prefetch_factor_reaches_the_loader(shapes_dir, tmp_path, monkeypatch):
         train(CLIPTask(cfg("data.num_workers=2", "data.prefetch_factor=3")), shapes_dir, tmp_path / "run",
               progress=False)
     assert seen["prefetch_factor"] == 3 and seen["num_workers"] == 2
+
+
+def test_lerp_ema_matches_diffusers_ema_step_for_step():
+    from diffusers.training_utils import EMAModel
+
+    from genvl.training.speed import make_ema
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3))]
+    ref = EMAModel([p.detach().clone() for p in params], decay=0.99, foreach=True)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ema = make_ema(params, 0.99)
+    for _ in range(6):  # the parameters move; both averages follow with the same (warm-up) decay
+        with torch.no_grad():
+            for p, q in zip(params, ref_params):
+                step = torch.randn_like(p)
+                p.add_(step)
+                q.add_(step)
+        ema.step(params)
+        ref.step(ref_params)
+        assert ema.cur_decay_value == ref.cur_decay_value
+    for s, r, p in zip(ema.shadow_params, ref.shadow_params, params):
+        torch.testing.assert_close(s, r)
+        assert not torch.allclose(s, p)  # an average, not a copy
+    assert ema.optimization_step == 6
+
+
+def test_lerp_ema_falls_back_for_a_frozen_parameter():
+    from genvl.training.speed import make_ema
+
+    params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2), requires_grad=False)]
+    ema = make_ema(params, 0.5)
+    with torch.no_grad():
+        params[0].fill_(1.0)
+        params[1].fill_(3.0)
+    ema.step(params)  # diffusers' first step has decay 0: a copy
+    with torch.no_grad():
+        params[0].fill_(2.0)
+        params[1].fill_(5.0)
+    ema.step(params)
+    assert torch.equal(ema.shadow_params[1], params[1])  # EMAModel copies frozen parameters
+    assert 1.0 < float(ema.shadow_params[0][0]) < 2.0
