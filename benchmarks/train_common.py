@@ -322,7 +322,7 @@ class Variant:
     compile: bool = False
     channels_last: bool = False
     gradient_checkpointing: bool = False
-    adamw: str = "trainer"  # trainer (what genvl's trainer picks: fused on CUDA) | foreach | fused | for-loop
+    adamw: str = "trainer"  # trainer (what genvl's trainer picks: fused on CUDA and CPU) | foreach | fused | for-loop
     attention: str = "sdpa"  # sdpa | xformers (diffusers models)
 
 
@@ -353,7 +353,7 @@ class BareStep:
         self.notes = apply_speed_options(model, cfg, what=setup.stage)
         kw: dict[str, Any] = {}
         if variant.adamw == "trainer":
-            kw["fused"] = device.type == "cuda" or None
+            kw["fused"] = device.type in ("cuda", "cpu") or None
         elif variant.adamw == "foreach":
             kw["foreach"] = True
         elif variant.adamw == "fused":

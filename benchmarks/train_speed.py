@@ -6,8 +6,8 @@ token LM on the codes of a fresh VQ-VAE), and measured in one run:
 
 - the bare training step (``task.loss`` -> backward -> AdamW step on one fixed batch) in several
   variants: fp32 eager, bf16 autocast eager, compiled (``compile: true``; bf16 on CUDA, on the CPU
-  the faster of fp32 / bf16), channels-last for the UNet, and the other AdamW implementation
-  (fused on the CPU, foreach on CUDA, where the trainer uses fused);
+  the faster of fp32 / bf16), channels-last for the UNet, and another AdamW implementation than the
+  trainer's fused one (for-loop on the CPU, foreach on CUDA);
 - MFU: FLOPs of one forward + backward of the task's loss, counted with
   ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; the frozen CLIP /
   VQ-VAE work inside the loss included), per second of step time, divided by the dense rate of the
@@ -97,7 +97,7 @@ def variants_for(stage: str, gpu: bool, fast_dtype: str | None) -> list[Variant]
         if stage in XFORMERS_STAGES and has_xformers():
             out.append(Variant("bf16 eager xformers", "bf16", attention="xformers"))
         return out
-    out = [Variant("fp32 eager"), Variant("bf16 eager", "bf16"), Variant("fp32 eager, fused AdamW", adamw="fused")]
+    out = [Variant("fp32 eager"), Variant("bf16 eager", "bf16"), Variant("fp32 eager, for-loop AdamW", adamw="for-loop")]
     if fast_dtype is not None:
         mp = "bf16" if fast_dtype == "bf16" else "no"
         out.append(Variant(f"{fast_dtype} compile", mp, compile=True))
@@ -181,10 +181,11 @@ def loop_rate(setup, variant, device: torch.device, out_dir: Path, warm_steps: i
 
 
 def merge_previous(path: str, device: torch.device, size: str, rows: list[dict], goals: list[dict],
-                   summary: dict) -> tuple[list[dict], list[dict], dict, dict | None]:
+                   summary: dict, known: set[str] | None = None) -> tuple[list[dict], list[dict], dict, dict | None]:
     """Rows, goals and stage summaries of this run laid over those of the results file at ``path``
     (same device only): new entries replace old ones with the same (stage, variant) / goal name /
-    stage, old ones not measured now are kept and marked ``"from_earlier_run": true``."""
+    stage, old ones not measured now are kept and marked ``"from_earlier_run": true``. With
+    ``known`` (the variant names the script measures now), old rows of other variants are dropped."""
     import json
 
     try:
@@ -196,16 +197,17 @@ def merge_previous(path: str, device: torch.device, size: str, rows: list[dict],
                          "write to another --json file")
     if old.get("size") != size:
         raise SystemExit(f"--merge: {path} holds size {old.get('size')!r}, this run size {size!r}; write to another --json file")
+    old_rows = [r for r in old.get("rows", []) if known is None or r.get("variant") in known
+                or r.get("variant") == "data loader" or str(r.get("variant", "")).startswith("genvl train loop")]
     new_rows = {(r["stage"], r["variant"]) for r in rows}
     # a stage's MFU goal names its best variant: while variants of the earlier run are kept beside
     # this run's (a partial rerun with --skip), that earlier goal stays
-    partial = {r.get("stage") for r in old.get("rows", []) if "mfu_pct" in r and (r.get("stage"), r.get("variant"))
+    partial = {r.get("stage") for r in old_rows if "mfu_pct" in r and (r.get("stage"), r.get("variant"))
                not in new_rows}
     goals = [g for g in goals if not (g["name"].endswith(" MFU") and g["name"][: -len(" MFU")] in partial
                                       and any(o.get("name") == g["name"] for o in old.get("goals", [])))]
     new_goals = {g["name"] for g in goals}
-    kept_rows = [{**r, "from_earlier_run": True} for r in old.get("rows", [])
-                 if (r.get("stage"), r.get("variant")) not in new_rows]
+    kept_rows = [{**r, "from_earlier_run": True} for r in old_rows if (r.get("stage"), r.get("variant")) not in new_rows]
     kept_goals = [{**g, "from_earlier_run": True} for g in old.get("goals", []) if g.get("name") not in new_goals]
     stages = {**old.get("stages", {}), **summary}
     order = list(stages)  # stages in the order first measured
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
                           at_least(lrate / srate, 1.0), f"{workers} workers, against {fastest['variant']} on "
                           f"{device_name(device)}"))
         # (a) the full loop against the bare step of the same recipe (the trainer's default precision
-        # and optimizer: bf16 + fused AdamW on CUDA, fp32 + for-loop AdamW on the CPU)
+        # and optimizer: bf16 on CUDA, fp32 on the CPU, fused AdamW on both)
         ref_name = "bf16 eager" if gpu else "fp32 eager"
         ref = next((r for r in stage_rows if r["variant"] == ref_name and "step_s" in r), None)
         if ref is None:
@@ -411,7 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
     print_goals(goals)
     merged_from = None
     if args.merge:
-        rows, goals, summary, merged_from = merge_previous(args.json, device, size, rows, goals, summary)
+        known = {v.name for s in stages for dt in (None, "fp32", "bf16") for v in variants_for(s, gpu, dt)}
+        rows, goals, summary, merged_from = merge_previous(args.json, device, size, rows, goals, summary, known)
     result = write_result(
         args.json, "train_speed", device, args, goals, rows, size=size, steps=steps,
         cpu_load_average={"start": load_start, "end": load_average()} if not gpu else None,

@@ -68,3 +68,10 @@ def test_merge_refuses_another_device_or_size(tmp_path, device, size):
     path = _old(tmp_path, device=device, size=size)
     with pytest.raises(SystemExit, match="--merge"):
         train_speed.merge_previous(str(path), CPU, "small", [], [], {})
+
+
+def test_merge_drops_rows_of_variants_no_longer_measured(tmp_path):
+    path = _old(tmp_path)
+    rows, _, _, _ = train_speed.merge_previous(str(path), CPU, "small", [], [], {}, known={"fp32 eager"})
+    assert {(r["stage"], r["variant"]) for r in rows} == {
+        ("lm", "fp32 eager"), ("lm", "genvl train loop (fp32 eager)"), ("clip", "fp32 eager")}
