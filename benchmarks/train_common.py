@@ -330,17 +330,15 @@ class BareStep:
     """The trainer's step without its loop: ``task.loss`` -> ``accelerator.backward`` -> AdamW step.
 
     Built as :func:`genvl.training.train` builds it (the task's model, the trainer's speed options,
-    accelerate's mixed precision, the trainer's compiled view), on one fixed batch already on the
-    device. No data loading, gradient clipping, EMA, LR schedule or logging.
+    accelerate's mixed precision, the trainer's compiled view): :meth:`step` on one fixed batch
+    already on the device, :meth:`timed` on a given batch. No data loading, gradient clipping, EMA, LR schedule or logging.
     """
 
-    def __init__(self, setup: StageSetup, variant: Variant, device: torch.device, dataset=None,
-                 batches: list[dict] | None = None):
+    def __init__(self, setup: StageSetup, variant: Variant, device: torch.device, dataset=None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import send_to_device
 
-        from genvl.training.speed import apply_speed_options, channels_last_batch, compile_for_training
+        from genvl.training.speed import apply_speed_options, compile_for_training
 
         cfg = replace(setup.cfg, mixed_precision=variant.mixed_precision, compile=variant.compile,
                       channels_last=variant.channels_last, gradient_checkpointing=variant.gradient_checkpointing,
@@ -365,41 +363,35 @@ class BareStep:
         self.model, self.optimizer = self.accelerator.prepare(model, opt)
         self.task.to_device(self.accelerator.device)
         self.train_model = compile_for_training(self.model) if cfg.compile else self.model
-        if batches is None:  # one fixed batch: the first batch_size items
-            batches = [self.task.collate([self.dataset[i] for i in range(cfg.batch_size)])]
-        self.batches = []
-        for batch in batches:
-            batch = send_to_device(batch, self.accelerator.device)
-            self.batches.append(channels_last_batch(batch) if cfg.channels_last else batch)
-        self.batch = self.batches[0]
-        self._next = 0
+        # one fixed batch: the first batch_size items
+        self.batch = self._on_device(self.task.collate([self.dataset[i] for i in range(cfg.batch_size)]))
         self.model.train()
 
-    def step(self) -> torch.Tensor:
-        """One step on the next of the given batches (in turn; always the same one when one was given)."""
-        self.batch = self.batches[self._next % len(self.batches)]
-        self._next += 1
-        loss, _ = self.task.loss(self.train_model, self.batch)
-        self.accelerator.backward(loss)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    def timed(self, batch: dict) -> tuple[float, float]:
-        """One step on ``batch`` (a batch of the loop, already on the device): its (wall, CPU) seconds."""
+    def _on_device(self, batch: dict) -> dict:
         from accelerate.utils import send_to_device
 
         from genvl.training.speed import channels_last_batch
 
         batch = send_to_device(batch, self.accelerator.device)
-        if self.cfg.channels_last:
-            batch = channels_last_batch(batch)
-        sync(self.device)
-        t, c = time.perf_counter(), time.process_time()
+        return channels_last_batch(batch) if self.cfg.channels_last else batch
+
+    def _train(self, batch: dict) -> torch.Tensor:
         loss, _ = self.task.loss(self.train_model, batch)
         self.accelerator.backward(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def step(self) -> torch.Tensor:
+        """One step on the fixed batch."""
+        return self._train(self.batch)
+
+    def timed(self, batch: dict) -> tuple[float, float]:
+        """One step on ``batch`` (a batch of the loop): its (wall, CPU) seconds."""
+        batch = self._on_device(batch)
+        sync(self.device)
+        t, c = time.perf_counter(), time.process_time()
+        self._train(batch)
         sync(self.device)
         return time.perf_counter() - t, time.process_time() - c
 
@@ -419,7 +411,7 @@ class BareStep:
     def close(self) -> None:
         from accelerate.state import AcceleratorState
 
-        self.model = self.train_model = self.optimizer = self.task = self.batch = self.batches = None
+        self.model = self.train_model = self.optimizer = self.task = self.batch = None
         if self.variant.compile:
             torch.compiler.reset()
         AcceleratorState._reset_state()

@@ -15,8 +15,8 @@ token LM on the codes of a fresh VQ-VAE), and measured in one run:
   of a 2048^3 matmul and a 3x3 convolution, see ``train_common.dense_rate``);
 - AdamW's ``step()`` alone for the for-loop, foreach and fused implementations;
 - the full ``genvl train`` loop (:func:`genvl.training.train`: data loading, clipping, LR schedule,
-  EMA, logging) over three epochs after a warm one, against the bare step timed on exactly the
-  batches of those epochs: goal loop >= 0.95 x bare (the ratio of the per-step medians beside it);
+  EMA, logging) over three epochs after a warm one, against the bare step run alternately with it
+  on the same batches: goal loop >= 0.95 x bare (the median of the per-step ratios beside it);
 - the trainer's DataLoader (the stage's dataset and collate, ``--workers`` workers) in batches/s
   against the fastest step rate: goal loader >= steps.
 
@@ -171,8 +171,8 @@ def loop_rate(setup, variant, device: torch.device, out_dir: Path, warm_steps: i
         res = train(task, setup.data, out_dir, init=setup.init, progress=False)
     finally:
         bare.close()
-    loop_s, bare_s = steps.durations(warm_steps, clock), steps.paired(clock)
-    return {"step_wall_s": steps.per_step(warm_steps)["wall"], "step_cpu_s": steps.per_step(warm_steps)["cpu"],
+    loop_s, bare_s, per = steps.durations(warm_steps, clock), steps.paired(clock), steps.per_step(warm_steps)
+    return {"step_wall_s": per["wall"], "step_cpu_s": per["cpu"],
             "step_s": statistics.mean(loop_s), "step_all_s": loop_s, "step_median_s": statistics.median(loop_s),
             "bare_step_s": statistics.mean(bare_s), "bare_step_all_s": bare_s,
             "bare_step_median_s": statistics.median(bare_s),

@@ -133,15 +133,20 @@ def make_ema(parameters: list[nn.Parameter], decay: float):
     lerp reads each tensor once and allocates nothing (about a third of the time on a 1M-parameter
     model on the CPU). Decay warm-up, saving and ``copy_to`` / ``store`` / ``restore`` are
     ``EMAModel``'s. Shadows that differ from their parameter in device or dtype, frozen parameters
-    and DeepSpeed ZeRO-3 take ``EMAModel``'s own update.
+    and DeepSpeed ZeRO-3 take ``EMAModel``'s own update (checked at the first step: the trainer
+    passes the same parameters every step).
     """
     from diffusers.training_utils import EMAModel
 
     class LerpEMA(EMAModel):
+        _lerp: bool | None = None  # whether the lerp path applies, decided at the first step
+
         @torch.no_grad()
         def step(self, parameters):
             parameters = list(parameters)
-            if not self._lerp_ok(parameters):
+            if self._lerp is None:
+                self._lerp = self._lerp_ok(parameters)
+            if not self._lerp:
                 return super().step(parameters)
             self.optimization_step += 1
             decay = self.get_decay(self.optimization_step)
