@@ -36,17 +36,58 @@ def _to_half(root: Path) -> None:
         save_file(half, str(f), metadata={"format": "pt", "stored_as": "float16"})
 
 
-def _with_history(name: str, rec: dict) -> dict:
-    """A component's training record, after the record of the run it continued (``--init``) if that
-    directory trained the same component before."""
-    out = {}
+PART_NAMES = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+
+
+def _parts(name: str, rec: dict, depth: int = 0) -> list[dict]:
+    """The training records of component ``name``, oldest first, ending with ``rec``: the runs it
+    continued through ``--init``, followed back. A packaged directory (this script's output) lists its
+    earlier parts itself as ``NAME, first part``, ...; a run directory only its last, whose own
+    ``init`` leads further back."""
     init = Path(rec.get("init", ""))
-    if rec.get("init") and not rec.get("fresh") and (init / "genvl.json").is_file():
-        earlier = read_meta(init).get("training", {}).get(name)
-        if earlier and earlier != rec:
-            out[f"{name}, first part"] = earlier
+    if not rec.get("init") or rec.get("fresh") or depth > 16 or not (init / "genvl.json").is_file():
+        return [rec]
+    records = read_meta(init).get("training", {})
+    if name not in records or records[name] == rec:
+        return [rec]
+    packaged = [v for k, v in records.items() if k.startswith(f"{name}, ")]
+    earlier = packaged + [records[name]] if packaged else _parts(name, records[name], depth + 1)
+    return earlier + [rec]
+
+
+def _with_history(name: str, rec: dict) -> dict:
+    """``{"NAME, first part": ..., "NAME, second part": ..., "NAME": rec}``: a component's training
+    records in order; the last one, under the bare name, made the weights that ship."""
+    parts = _parts(name, rec)
+    out = {}
+    for i, part in enumerate(parts[:-1]):
+        out[f"{name}, {PART_NAMES[i]} part" if i < len(PART_NAMES) else f"{name}, part {i + 1}"] = part
     out[name] = rec
     return out
+
+
+def _seconds(rec: dict) -> float:
+    """A training record's time ("4879 s") in seconds; 0 when absent or unreadable."""
+    try:
+        return float(str(rec.get("time", "0")).split()[0])
+    except ValueError:
+        return 0.0
+
+
+def _decoder_summary(meta: dict, root: Path) -> str:
+    """One sentence on how the decoder was trained, from its training records: size, parts, steps, time."""
+    from genvl.models.decoder import Decoder
+    from genvl.checkpoint import load_component
+
+    parts = [rec for k, rec in meta.get("training", {}).items() if k == "decoder" or k.startswith("decoder, ")]
+    if not parts:
+        return ""
+    params = load_component(root / "decoder", Decoder).num_parameters
+    steps = [int(rec.get("steps", 0)) for rec in parts]
+    hours = sum(_seconds(rec) for rec in parts) / 3600
+    hardware = sorted({rec.get("hardware", "?") for rec in parts})
+    return (f"Its {params / 1e6:.1f}M-parameter decoder trained {sum(steps):,} steps in {len(parts)} parts "
+            f"({' + '.join(f'{n:,}' for n in steps)}), {hours:.1f} hours on {' and '.join(hardware)}.")
 
 
 def _vocabulary(path: Path) -> dict:
@@ -62,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--generation", help="JSON written by genvl evaluate generation --json (its PNG grid is copied)")
     ap.add_argument("--extra", action="append", default=[], help="another run directory whose components to add")
     ap.add_argument("--half", action="store_true", help="store float weights as float16")
+    ap.add_argument("--summary", help="what the model draws (looked at), for the card's description")
     args = ap.parse_args(argv)
     src, dest = Path(args.run), Path(args.dest)
     md = open_model_dir(src)
@@ -109,17 +151,14 @@ def main(argv=None) -> int:
     meta["description"] = (
         "The built-in demo of genvl: DALL-E 2 style text-to-image at 32 px, trained from scratch on the "
         "7,572 captioned emoji of `genvl data emoji` (Noto: Apache-2.0, Twemoji: CC-BY-4.0) with the recipes "
-        "`configs/demo-*.yaml`. For prompts that name emoji (\"a red heart\", \"a cat face\", \"a slice of "
-        "pizza\") it draws the colours and coarse shapes of those emoji: red heart shapes, yellow cat faces "
-        "with ears; its 4.4M-parameter decoder, trained about 2.4 hours on a 2-core CPU (10,500 steps of 32 "
-        "images), is still under-trained, so rarer objects (pizza, rocket) come out as shapeless patches of "
-        "their colours. Prompts outside that domain give the nearest emoji it knows. Rebuild it with "
-        "`bash scripts/build_demo.sh` (the commands below, one stage after another: the decoder's first part "
-        "ran 4,000 steps, then 1,500 more from its step-4000 checkpoint, then 5,000 on the emoji without "
-        "skin-tone variations). Recommended sampling settings are in `genvl.json` (`sampling`); the prior "
-        "draws 8 candidate embeddings per image and keeps the one closest to the prompt. Also inside: a Parti-style "
-        "VQ-VAE (8x8 codes of 512) + token LM (`genvl sample --method ar`, `genvl caption`) and an Emu-style "
-        "interleaved LM (`genvl sample --method interleaved`) trained on the same emoji." + extra
+        "`configs/demo-*.yaml`. " + (args.summary.strip() + " " if args.summary else "")
+        + _decoder_summary(meta, tmp) + " Prompts outside that domain give the nearest emoji it knows. "
+        "Rebuild it with `bash scripts/build_demo.sh` (the commands below, one stage after another). "
+        "Recommended sampling settings are in `genvl.json` (`sampling`); the prior draws "
+        f"{meta.get('sampling', {}).get('prior_candidates', 1)} candidate embedding(s) per image and keeps "
+        "the one closest to the prompt. Also inside: a Parti-style VQ-VAE (8x8 codes of 512) + token LM "
+        "(`genvl sample --method ar`, `genvl caption`) and an Emu-style interleaved LM (`genvl sample "
+        "--method interleaved`) trained on the same emoji." + extra
     )
     write_meta(tmp, meta)
     write_model_card(tmp, meta)

@@ -320,6 +320,7 @@ class Decoder(ConfigModule):
         image_embeds: torch.Tensor,
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        raw: bool = False,
     ) -> torch.Tensor:
         """Predict the noise of ``noisy``.
 
@@ -329,9 +330,11 @@ class Decoder(ConfigModule):
             image_embeds: (B, D) CLIP image embedding (unit vectors; zeros = unconditional).
             text_states: (B, L, W) CLIP text token states, only when ``text_width > 0``; None = no text.
             text_mask: (B, L) 1 on real tokens (all zeros = unconditional); default all ones.
+            raw: return what the UNet itself predicts (``config.parameterization``: v or epsilon),
+                for a training loss on that target.
 
         Returns:
-            (B, 3, H, W) the predicted epsilon.
+            (B, 3, H, W) the predicted epsilon (``raw``: v or epsilon).
         """
         c = self.config
         B = noisy.shape[0]
@@ -370,6 +373,8 @@ class Decoder(ConfigModule):
             class_labels=z,  # added to the time embedding through the projection MLP
             encoder_attention_mask=mask,
         ).sample  # (B, 3, H, W) v or epsilon
+        if raw:
+            return out
         return _to_epsilon(out, noisy, timesteps, self.alphas_cumprod, c.parameterization)  # (B, 3, H, W)
 
     def make_scheduler(self, kind: str = "ddpm"):
@@ -498,7 +503,8 @@ class SuperRes(ConfigModule):
         return F.interpolate(low_res, size=(S, S), mode="bicubic", align_corners=False)
 
     def forward(
-        self, noisy: torch.Tensor, timesteps: torch.Tensor, low_res: torch.Tensor, aug_level: torch.Tensor
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, low_res: torch.Tensor, aug_level: torch.Tensor,
+        raw: bool = False,
     ) -> torch.Tensor:
         """Predict the noise of ``noisy`` given the low-resolution image.
 
@@ -508,9 +514,10 @@ class SuperRes(ConfigModule):
             low_res: (B, 3, h, w) the low-resolution image in [-1, 1], already noise-augmented to
                 ``aug_level`` (with the same schedule's ``add_noise``; level 0 = clean).
             aug_level: (B,) long augmentation timesteps (a scalar is broadcast).
+            raw: return what the UNet itself predicts (v or epsilon), as :class:`Decoder` does.
 
         Returns:
-            (B, 3, H, W) the predicted epsilon.
+            (B, 3, H, W) the predicted epsilon (``raw``: v or epsilon).
         """
         c = self.config
         B = noisy.shape[0]
@@ -527,6 +534,8 @@ class SuperRes(ConfigModule):
         cond = self.upsample(low_res.to(dtype))  # (B, 3, H, W)
         x = torch.cat([noisy.to(dtype), cond], dim=1)  # (B, 6, H, W)
         out = self.unet(x, timesteps, class_labels=aug_level).sample  # (B, 3, H, W) v or epsilon
+        if raw:
+            return out
         return _to_epsilon(out, noisy, timesteps, self.alphas_cumprod, c.parameterization)  # (B, 3, H, W)
 
     def make_scheduler(self, kind: str = "ddpm"):

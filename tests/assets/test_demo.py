@@ -97,3 +97,40 @@ def test_package_demo_script(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(run), str(tmp_path / "d2"), "--extra", str(other)],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "tokenizer differs" in res.stderr
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_package_demo_history_follows_init_chains(tmp_path):
+    """A decoder trained in three runs (each --init the one before) lists all three parts in order,
+    from a chain of run directories and from an already packaged directory alike."""
+    from genvl.checkpoint import write_meta
+
+    pkg = _load_script("package_demo")
+
+    def run_dir(name, training):
+        write_meta(tmp_path / name, {"format": "genvl-model", "components": {"decoder": "x"}, "training": training})
+        return str(tmp_path / name)
+
+    clip_rec = {"steps": 7, "init": str(tmp_path / "a")}  # trained in a's own run, then carried along
+    a = run_dir("a", {"clip": clip_rec, "decoder": {"steps": 1}})
+    b = run_dir("b", {"clip": clip_rec, "decoder": {"steps": 2, "init": a}})
+    last = {"steps": 3, "init": b}
+    hist = pkg._with_history("decoder", last)
+    assert list(hist) == ["decoder, first part", "decoder, second part", "decoder"]
+    assert [r["steps"] for r in hist.values()] == [1, 2, 3]
+    # the clip was carried along unchanged: one record, no parts
+    assert list(pkg._with_history("clip", dict(clip_rec))) == ["clip"]
+    # a packaged directory lists its earlier parts itself
+    packaged = run_dir("pkg", {"decoder, first part": {"steps": 1}, "decoder": {"steps": 2, "init": a}})
+    hist = pkg._with_history("decoder", {"steps": 3, "init": packaged})
+    assert [r["steps"] for r in hist.values()] == [1, 2, 3]
+    # fresh: built new, the init's decoder is not its history
+    assert list(pkg._with_history("decoder", {"steps": 3, "init": b, "fresh": True})) == ["decoder"]

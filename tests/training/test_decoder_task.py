@@ -15,7 +15,7 @@ from genvl.errors import ConfigError, ModelDirError
 from genvl.training import TrainConfig, train
 from genvl.training.tasks import get_task
 from genvl.training.tasks.clip import CLIPTask
-from genvl.training.tasks.decoder import DecoderTask, SuperResTask, cond_dropped, eps_loss
+from genvl.training.tasks.decoder import DecoderTask, SuperResTask, cond_dropped, diffusion_loss
 
 FAST = ["batch_size=8", "max_steps=2", "warmup_steps=1", "log_every=1", "save_every=0", "tokenizer_vocab=300",
         "text_len=8", "tracker=none"]
@@ -101,12 +101,43 @@ def test_cond_drop_is_deterministic_and_fresh_each_epoch(shapes_dir, clip_dir):
 def test_min_snr_weighting():
     from diffusers import DDPMScheduler
 
-    s = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
-    pred, noise = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    ac = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    pred, noise, x0 = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
     t = torch.tensor([0, 999])
-    assert eps_loss(pred, noise, t, s, 0.0).item() == pytest.approx(1.0)
+    assert diffusion_loss(pred, x0, noise, t, ac, "epsilon", "min-snr", 0.0).item() == pytest.approx(1.0)
     # nearly clean step down-weighted by gamma / SNR, the noisiest one kept at 1
-    assert eps_loss(pred, noise, t, s, 5.0).item() == pytest.approx(0.5, abs=0.01)
+    assert diffusion_loss(pred, x0, noise, t, ac, "epsilon", "min-snr", 5.0).item() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("weighting,w", [("min-snr", lambda snr: snr.clamp(max=5.0)),
+                                         ("truncated-snr", lambda snr: snr.clamp(min=1.0))])
+def test_loss_weightings_are_weights_on_the_x0_error(weighting, w):
+    """Whatever the UNet predicts (v or epsilon), the loss is mean(w(SNR) |x0_pred - x0|^2)."""
+    from diffusers import DDPMScheduler
+
+    ac = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1, torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 150, 480, 700, 900, 990])
+    a = ac[t].view(-1, 1, 1, 1).double()
+    snr = (a / (1 - a)).flatten()
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x0_pred = x0 + 0.3 * torch.randn(x0.shape, generator=g)  # some prediction of the clean image
+    expected = (w(snr) * (x0_pred - x0).double().pow(2).flatten(1).mean(1)).mean()
+    eps_pred = (x_t - a.sqrt() * x0_pred) / (1 - a).sqrt()
+    v_pred = a.sqrt() * eps_pred - (1 - a).sqrt() * x0_pred
+    for out, param in ((eps_pred, "epsilon"), (v_pred, "v")):
+        got = diffusion_loss(out.float(), x0, noise, t, ac, param, weighting)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-3), param
+    # the two weightings differ where it matters: truncated SNR counts the noisy steps' x0 error fully
+    if weighting == "truncated-snr":
+        other = diffusion_loss(v_pred.float(), x0, noise, t, ac, "v", "min-snr")
+        assert got.item() > 1.5 * other.item()
+
+
+def test_loss_weighting_recipe_errors(shapes_dir, clip_dir, tmp_path):
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        DecoderTask(cfg("max_steps=1", "model.loss_weighting=snr")).build(None, open_model_dir(clip_dir))
 
 
 def test_superres_trains_and_keeps_other_components(shapes_dir, clip_dir, tmp_path):
@@ -152,3 +183,25 @@ def test_tiny_decoder_reconstructs_images_from_clip_embeddings(tmp_path):
     between = (px[:, None] - px[None]).pow(2).mean(dim=(2, 3, 4))[~torch.eye(4, dtype=torch.bool)].mean()
     assert torch.equal(err.argmin(1), torch.arange(4)), err  # each sample is nearest to its own image
     assert err.diag().mean() < 0.4 * between, (err.diag(), between)
+
+
+@pytest.mark.parametrize("task_cls", [DecoderTask, SuperResTask])
+def test_truncated_snr_weighting_trains(task_cls, shapes_dir, clip_dir, tmp_path):
+    res = train(task_cls(cfg("max_steps=2", "model.loss_weighting=truncated-snr")), shapes_dir, tmp_path / "run",
+                init=clip_dir, progress=False)
+    assert res.step == 2 and res.final_loss > 0 and torch.isfinite(torch.tensor(res.final_loss))
+    recipe = (tmp_path / "run" / "train" / task_cls.stage / "config.yaml").read_text()
+    assert "truncated-snr" in recipe
+
+
+def test_raw_output_is_what_the_epsilon_is_made_of():
+    """forward(raw=True) gives the UNet's v; converted, it is exactly forward()'s epsilon."""
+    from genvl.models.decoder import Decoder, _to_epsilon, decoder_config
+
+    torch.manual_seed(0)
+    dec = Decoder(decoder_config("tiny", image_size=16, embed_dim=8)).eval()
+    x, t, z = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.randn(2, 8)
+    with torch.no_grad():
+        v, eps = dec(x, t, z, raw=True), dec(x, t, z)
+    assert not torch.allclose(v, eps, atol=1e-3)
+    torch.testing.assert_close(_to_epsilon(v, x, t, dec.alphas_cumprod, "v"), eps)

@@ -3,10 +3,11 @@
 ``genvl train decoder --data PATH --out DIR --init CLIP_MODEL_DIR``: ``--init`` is required and must
 hold a ``clip`` component (and its tokenizer). When it also holds a ``decoder``, training continues
 from that decoder (finetuning); otherwise a new one is built with the CLIP's dimensions at
-``data.image_size``. The loss is the epsilon MSE (Ho et al. 2020) on
+``data.image_size``. The loss is the MSE of the UNet's prediction (v or epsilon) on
 ``x_t = add_noise(x_0, eps, t)``, t uniform over the training timesteps, conditioned on
-``z_image = clip.encode_image(x_0)``, each sample weighted by Min-SNR-gamma (``model.snr_gamma``,
-default 5; 0 = unweighted), see :func:`eps_loss`.
+``z_image = clip.encode_image(x_0)``, each sample weighted by its timestep's SNR as
+``model.loss_weighting`` says: Min-SNR-gamma (the default; ``model.snr_gamma``, default 5) or
+truncated SNR, see :func:`diffusion_loss`.
 
 Classifier-free guidance (Ho & Salimans 2022): for a fraction ``model.cond_drop`` (default 0.1,
 as DALL-E 2) of the samples, ``z_image`` is zeroed and, for a text-conditioned decoder
@@ -55,26 +56,56 @@ def cond_dropped(probability: float, seed: int, epoch: int, index: int) -> bool:
     return random.Random(f"decoder-cond:{seed}:{epoch}:{index}").random() < probability
 
 
-def eps_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler, snr_gamma: float) -> torch.Tensor:
-    """Epsilon MSE, per sample weighted by Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556).
+#: Per-timestep loss weightings, as a weight on the x0 error (see :func:`diffusion_loss`).
+LOSS_WEIGHTINGS = ("min-snr", "truncated-snr")
 
-    For epsilon prediction the weight is ``min(SNR(t), gamma) / SNR(t)``: 1 at the noisy steps, less
-    at the nearly clean ones, whose tiny noise is hard to predict and matters little for samples.
-    It makes the noisy steps, which decide colours and layout, learn several times faster.
-    ``snr_gamma`` 0 gives the plain mean.
+
+def diffusion_loss(out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   alphas_cumprod: torch.Tensor, parameterization: str, weighting: str = "min-snr",
+                   snr_gamma: float = SNR_GAMMA) -> torch.Tensor:
+    """MSE of the UNet's own output (v or epsilon) against its target, weighted per timestep.
+
+    Per sample, the epsilon MSE is ``SNR * |x0_pred - x0|^2`` and the v MSE ``(SNR + 1) * |...|^2``
+    (``SNR = a / (1 - a)``, ``a`` = alpha_bar_t). Each weighting is a weight ``w(SNR)`` on that x0
+    error; the loss is ``mean(mse * w / base)`` with ``base`` the factor of the parameterization.
+    Taking the MSE of the raw output, not of an epsilon converted from v, keeps the noisiest steps
+    exact: there epsilon is nearly x_t and the model's part of it (``sqrt(a) v``) is below the
+    precision of bf16.
+
+    - ``min-snr`` (Hang et al. 2023, arXiv:2303.09556): ``w = min(SNR, snr_gamma)``; ``snr_gamma`` 0
+      gives ``w = SNR``, the plain epsilon MSE of DDPM. At the noisy half of the schedule (SNR < 1)
+      the x0 error counts only SNR times: at the steps that set an image's layout from its
+      conditioning the weight is 0.001 to 0.1.
+    - ``truncated-snr`` (Salimans & Ho 2022, arXiv:2202.00512, sec. 4): ``w = max(SNR, 1)``: the x0
+      error counts fully at the noisy steps, the epsilon error at the clean ones; with v
+      prediction it is the v MSE times ``max(SNR, 1) / (SNR + 1)``, between 1/2 and 1.
 
     Args:
-        pred, noise: (B, 3, H, W) predicted and true noise.
-        t: (B,) long timesteps of the samples.
-        scheduler: the diffusers scheduler that noised them (its ``alphas_cumprod``).
-        snr_gamma: gamma, or 0 for no weighting.
+        out: (B, C, H, W) the UNet's prediction, v or epsilon (``forward(..., raw=True)``).
+        x0, noise: (B, C, H, W) the clean sample and the noise that made x_t.
+        t: (B,) long timesteps.
+        alphas_cumprod: (T,) alpha_bar of the schedule.
+        parameterization: "v" or "epsilon", what ``out`` is.
+        weighting: one of :data:`LOSS_WEIGHTINGS`.
+        snr_gamma: the min-snr cap.
     """
-    per = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
-    if snr_gamma > 0:
-        ac = scheduler.alphas_cumprod.to(t.device)[t].float()  # (B,) alpha_bar_t, < 1
-        snr = ac / (1 - ac)
-        per = per * snr.clamp(max=snr_gamma) / snr
-    return per.mean()
+    a = alphas_cumprod.to(t.device)[t].float()  # (B,)
+    snr = a / (1 - a)
+    if parameterization == "v":
+        ab = a.view(-1, *([1] * (x0.ndim - 1)))
+        target, base = ab.sqrt() * noise.float() - (1 - ab).sqrt() * x0.float(), snr + 1
+    elif parameterization == "epsilon":
+        target, base = noise.float(), snr
+    else:
+        raise ValueError(f"unknown parameterization {parameterization!r}")
+    per = (out.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
+    if weighting == "min-snr":
+        w = snr.clamp(max=snr_gamma) if snr_gamma > 0 else snr
+    elif weighting == "truncated-snr":
+        w = snr.clamp(min=1.0)
+    else:
+        raise ValueError(f"unknown loss weighting {weighting!r}; known: {', '.join(LOSS_WEIGHTINGS)}")
+    return (per * (w / base)).mean()
 
 
 def _pop_snr_gamma(overrides: dict) -> float:
@@ -82,6 +113,13 @@ def _pop_snr_gamma(overrides: dict) -> float:
     if gamma < 0:
         raise ConfigError(f"bad model config: snr_gamma must be >= 0 (0 = unweighted), got {gamma}")
     return gamma
+
+
+def _pop_weighting(overrides: dict) -> str:
+    weighting = str(overrides.pop("loss_weighting", "min-snr"))
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ConfigError(f"bad model config: loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {weighting!r}")
+    return weighting
 
 
 def _fixed_items(dataset, n: int = NUM_FIXED) -> tuple[torch.Tensor, list[str]]:
@@ -112,8 +150,9 @@ class DecoderTask(Task):
     ``model`` recipe keys: ``size`` (tiny | small | base), overrides of
     :class:`~genvl.models.decoder.DecoderConfig` (``image_size`` comes from ``data.image_size``,
     ``embed_dim`` / ``text_width`` from the CLIP), ``text_conditioning`` (bool, default false: also
-    condition on the CLIP text token states), ``cond_drop`` (default 0.1), ``snr_gamma``
-    (Min-SNR loss weighting, default 5; 0 = plain epsilon MSE), ``latent`` (bool, default false:
+    condition on the CLIP text token states), ``cond_drop`` (default 0.1), ``loss_weighting``
+    (``min-snr``, the default, or ``truncated-snr``: :func:`diffusion_loss`), ``snr_gamma`` (the
+    Min-SNR cap, default 5; 0 = plain epsilon MSE), ``latent`` (bool, default false:
     denoise the latents of the ``vqvae`` component of ``--init``, which the decoder then holds, frozen,
     instead of pixels), ``fresh`` (bool: build a new decoder even when ``--init`` holds one; the
     released directory's decoder is replaced) and ``cache_inputs`` (default true for decoders without
@@ -131,6 +170,7 @@ class DecoderTask(Task):
         self.dataset = None
         self.cond_drop = 0.1
         self.snr_gamma = SNR_GAMMA
+        self.weighting = "min-snr"
         self.text = False
         self.text_len = None
         self.fixed_pixels = None  # (n, 3, S, S) first training images, for the sample grid
@@ -154,6 +194,7 @@ class DecoderTask(Task):
         text_flag = overrides.pop("text_conditioning", None)
         self.cond_drop = float(overrides.pop("cond_drop", 0.1))
         self.snr_gamma = _pop_snr_gamma(overrides)
+        self.weighting = _pop_weighting(overrides)
         latent = bool(overrides.pop("latent", False))
         fresh = self.fresh = bool(overrides.pop("fresh", False))
         self.cache_inputs = bool(overrides.pop("cache_inputs", True))
@@ -279,10 +320,11 @@ class DecoderTask(Task):
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), device=px.device)
         x_t = self.scheduler.add_noise(x0, noise, t)
         if states is None:
-            pred = model(x_t, t, z)
+            out = model(x_t, t, z, raw=True)
         else:
-            pred = model(x_t, t, z, states, mask)
-        loss = eps_loss(pred, noise, t, self.scheduler, self.snr_gamma)
+            out = model(x_t, t, z, states, mask, raw=True)
+        loss = diffusion_loss(out, x0, noise, t, self.scheduler.alphas_cumprod, decoder.config.parameterization,
+                              self.weighting, self.snr_gamma)
         return loss, {"cond_frac": 1.0 - batch["drop"].float().mean().item()}
 
     @torch.no_grad()
@@ -335,7 +377,7 @@ class SuperResTask(Task):
     ``model`` recipe keys: ``size`` (tiny | small | base) and overrides of
     :class:`~genvl.models.decoder.SuperResConfig`. ``image_size`` comes from ``data.image_size``;
     ``low_res_size`` defaults to it divided by the size's upscale factor (tiny / small 2x, base 4x).
-    ``snr_gamma``: Min-SNR loss weighting as in :class:`DecoderTask`.
+    ``loss_weighting`` and ``snr_gamma`` as in :class:`DecoderTask`.
     """
 
     stage = "sr"
@@ -345,6 +387,7 @@ class SuperResTask(Task):
         super().__init__(cfg)
         self.scheduler = None
         self.snr_gamma = SNR_GAMMA
+        self.weighting = "min-snr"
         self.fixed_pixels = None
 
     def build(self, dataset, init, tokenizer=None) -> SuperRes:
@@ -354,6 +397,7 @@ class SuperResTask(Task):
         overrides = dict(self.cfg.model)
         size = overrides.pop("size", "tiny")
         self.snr_gamma = _pop_snr_gamma(overrides)
+        self.weighting = _pop_weighting(overrides)
         if init is not None and init.has("sr"):
             model = init.load("sr")
             if model.config.image_size != S:
@@ -401,8 +445,9 @@ class SuperResTask(Task):
         noise = torch.randn_like(hi)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), device=hi.device)
         x_t = self.scheduler.add_noise(hi, noise, t)
-        pred = model(x_t, t, lo, aug)
-        return eps_loss(pred, noise, t, self.scheduler, self.snr_gamma), {}
+        out = model(x_t, t, lo, aug, raw=True)
+        return diffusion_loss(out, hi, noise, t, self.scheduler.alphas_cumprod, c.parameterization,
+                              self.weighting, self.snr_gamma), {}
 
     @torch.no_grad()
     def upscale(self, sr: SuperRes, low_res: torch.Tensor, steps: int = SAMPLE_STEPS, seed: int = 0) -> torch.Tensor:
