@@ -3,12 +3,11 @@
 # About 3 hours on a 2-core CPU (CLIP ~9 min, prior ~14, decoder ~65 + ~70, token LM ~30, interleaved ~10, judge ~3);
 # a GPU makes it minutes. Run from the repository root:
 #   bash scripts/build_demo.sh [RUN_DIR]
-# Directories: RUN (clip, prior, first decoder), RUN2 (second decoder part), RUN3 (the text-to-image model that ships),
+# Directories: RUN (clip, prior, first decoder), RUN2 (the text-to-image model that ships),
 # RUN-ar / RUN-ar2 (VQ-VAE and token LM), RUN-interleaved (added to the demo), RUN-judge (evaluation only).
 set -euo pipefail
 RUN=${1:-runs/demo}
-BASE=${RUN}2
-T2I=${RUN}3
+T2I=${RUN}2
 [ -f data/emoji/metadata.jsonl ] || genvl data emoji data/emoji
 [ -f data/emoji-base/metadata.jsonl ] || genvl data emoji data/emoji-base --no-skin-tones
 # text-to-image (DALL-E 2 style): CLIP core, prior, decoder, one directory
@@ -19,11 +18,7 @@ genvl train decoder --data data/emoji --init "$RUN" --out "$RUN" --config config
 genvl train decoder --data data/emoji --init "$RUN" --out "$RUN" --config configs/demo-decoder.yaml \
     --resume latest --set max_steps=5500
 # then 5,000 steps more on the emoji without skin-tone variations (each object seen twice as often)
-genvl train decoder --data data/emoji-base --init "$RUN" --out "$BASE" --config configs/demo-decoder-base.yaml
-# and a third part: 3,000 steps more on the same set, a new cosine cycle from the second part's weights, with
-# the loss weighted by truncated SNR, which trains the noisy steps that draw the layout from the embedding
-genvl train decoder --data data/emoji-base --init "$BASE" --out "$T2I" --config configs/demo-decoder-base.yaml \
-    --set max_steps=3000 --set sample_every=1000 --set model.loss_weighting=truncated-snr
+genvl train decoder --data data/emoji-base --init "$RUN" --out "$T2I" --config configs/demo-decoder-base.yaml
 # recommended sampling settings (measured with the sweep in the model card): decoder guidance 1.5, prior 2
 python - "$T2I" <<'PY'
 import json, sys
@@ -50,4 +45,5 @@ genvl evaluate retrieval      --model "$T2I" --data data/emoji --limit 1000
 genvl evaluate generation     --model "$T2I" --prompts configs/demo-prompts.txt --clip "$RUN-judge" \
     --data data/emoji --num-images 4 --seed 0 --json "$RUN-generation.json"
 python scripts/package_demo.py "$T2I" genvl/assets/demo --extra "$RUN-ar2" \
-    --extra "$RUN-interleaved" --half --generation "$RUN-generation.json"
+    --extra "$RUN-interleaved" --half --generation "$RUN-generation.json" \
+    --summary "For prompts that name emoji (\"a red heart\", \"a cat face\") it draws the colours and coarse shapes of those emoji: red heart shapes, yellow cat faces with ears; rarer objects (pizza, rocket) come out as shapeless patches of their colours, as the decoder is still under-trained."

@@ -5,7 +5,9 @@
 
 Only what sampling needs travels (components, tokenizer, genvl.json, the model card, and the
 evaluation sample grid); training logs and checkpoints stay in the run directory. ``--extra``
-adds the components of another run directory that shares the tokenizer (the VQ-VAE and token LM).
+adds the components of another run directory that shares the tokenizer (the VQ-VAE and token LM),
+with their measurements; a component the run already holds with the same weights (carried along by
+``--init``) keeps the extra's measurement of it.
 ``--half`` stores floating-point weights as float16 (loading casts them back to float32), which
 halves the size. The card gets a description of how the model was built.
 """
@@ -90,6 +92,12 @@ def _decoder_summary(meta: dict, root: Path) -> str:
             f"({' + '.join(f'{n:,}' for n in steps)}), {hours:.1f} hours on {' and '.join(hardware)}.")
 
 
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two component folders hold byte-identical config and weights."""
+    files = ("config.json", "model.safetensors")
+    return all((a / f).is_file() and (b / f).is_file() and (a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
 def _vocabulary(path: Path) -> dict:
     """A tokenizer.json without its runtime padding / truncation state (saved as last used)."""
     data = json.loads(path.read_text())
@@ -130,13 +138,17 @@ def main(argv=None) -> int:
             sys.exit(f"{extra_dir}: its tokenizer differs from {src}'s; its components cannot join this model")
         emeta = read_meta(extra_dir)
         for name in em.components:
+            kind = METRIC_OF.get(name)
             if name in meta["components"]:
+                # the run already holds it; if with the very same weights, the extra's measurement holds too
+                if kind and kind in emeta.get("metrics", {}) and kind not in meta.get("metrics", {}) \
+                        and _same_weights(src / name, em.path / name):
+                    meta.setdefault("metrics", {})[kind] = emeta["metrics"][kind]
                 continue
             shutil.copytree(em.path / name, tmp / name)
             meta["components"][name] = emeta["components"][name]
             if name in emeta.get("training", {}):
                 meta.setdefault("training", {}).update(_with_history(name, emeta["training"][name]))
-            kind = METRIC_OF.get(name)
             if kind and kind in emeta.get("metrics", {}):
                 meta.setdefault("metrics", {})[kind] = emeta["metrics"][kind]
     if args.half:

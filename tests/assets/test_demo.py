@@ -134,3 +134,37 @@ def test_package_demo_history_follows_init_chains(tmp_path):
     assert [r["steps"] for r in hist.values()] == [1, 2, 3]
     # fresh: built new, the init's decoder is not its history
     assert list(pkg._with_history("decoder", {"steps": 3, "init": b, "fresh": True})) == ["decoder"]
+
+
+def test_package_demo_keeps_measurements_of_carried_components(tmp_path):
+    """A component the run holds with the extra's very weights keeps the extra's measurement; changed
+    weights lose it."""
+    import shutil
+
+    from genvl.checkpoint import read_meta, write_meta
+    from genvl.tokenizers.text import train_text_tokenizer
+
+    tok = train_text_tokenizer(["a red heart", "a cat face"] * 5, vocab_size=300, model_max_length=8)
+    run, extra = tmp_path / "run", tmp_path / "extra"
+    torch.manual_seed(0)
+    _tiny_run(run, ("clip", "prior", "decoder"), tok)
+    shutil.copytree(run, extra)
+    for d in (run, extra):  # a "vqvae" stand-in, carried along unchanged into the run
+        meta = read_meta(d)
+        meta["components"]["vqvae"] = meta["components"]["clip"]
+        if d == extra:
+            meta["metrics"] = {"reconstruction": {"values": {"psnr": 30.0}}}
+        write_meta(d, meta)
+        shutil.copytree(run / "clip", d / "vqvae", dirs_exist_ok=True)
+    script = ROOT / "scripts" / "package_demo.py"
+
+    def package(dest):
+        res = subprocess.run([sys.executable, str(script), str(run), str(dest), "--extra", str(extra)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        return read_meta(dest).get("metrics", {})
+
+    assert package(tmp_path / "d1")["reconstruction"]["values"]["psnr"] == 30.0
+    _tiny_run(tmp_path / "other", ("clip",), tok)  # other weights for the run's vqvae
+    shutil.copytree(tmp_path / "other" / "clip", run / "vqvae", dirs_exist_ok=True)
+    assert "reconstruction" not in package(tmp_path / "d2")
