@@ -9,6 +9,18 @@ GLIDE), the CLIP image embedding ``z_image`` conditions the UNet twice:
 - added to the timestep embedding (UNet2DConditionModel ``class_embed_type="projection"``: an MLP
   from ``embed_dim`` to the time-embedding width, summed with the timestep embedding).
 
+Both paths reach the UNet as per-channel biases and attention values, the same at every position,
+so the UNet has to build an image's layout from the noise and the padding at the borders. A small
+decoder does not learn that: its samples take their layout from the starting noise, whatever the
+embedding (measured on the demo: variations of two different emoji from one seed share a layout).
+Optionally (``coarse_size > 0``) a third path hands the layout over directly: an MLP maps
+``z_image`` to a coarse ``(C, coarse_size, coarse_size)`` image (C = the sample's channels),
+upsampled bilinearly and concatenated to the UNet's input channels. It is trained with the
+diffusion loss and an auxiliary regression onto the average-pooled clean sample
+(:meth:`Decoder.coarse_image`), so it is a prediction of the image's low-resolution version from
+its embedding. :meth:`Decoder.add_coarse` grows a trained decoder without the path into one with it
+that computes exactly the same function (zero weights on the new input channels).
+
 Both UNets return epsilon, as the samplers and the training losses expect, but inside them the
 diffusers UNet predicts ``v = sqrt(a) eps - sqrt(1 - a) x0`` (``parameterization="v"``; Salimans &
 Ho 2022, arXiv:2202.00512), converted with ``eps = sqrt(1 - a) x_t + sqrt(a) v`` (``a`` =
@@ -137,6 +149,10 @@ class DecoderConfig:
     # denoises, held inside the decoder; None = pixel space.
     vae: dict | None = None
     latent_scale: float = 1.0  # latents = unit code vectors * latent_scale (about unit variance)
+    # Coarse layout path: z_image -> MLP -> (C, coarse_size, coarse_size), upsampled and
+    # concatenated to the UNet input; 0 = off. coarse_hidden = the MLP's width (two hidden layers).
+    coarse_size: int = 0
+    coarse_hidden: int = 1024
 
     @property
     def latent_size(self) -> int:
@@ -201,6 +217,7 @@ def decoder_config(size: str = "tiny", **overrides) -> DecoderConfig:
         if not cfg.latent_scale > 0:
             raise ValueError(f"decoder config: latent_scale must be > 0, got {cfg.latent_scale}")
     _check_unet("decoder", cfg.latent_size, cfg.block_out_channels, cfg.norm_num_groups, cfg.parameterization)
+    _check_coarse(cfg)
     bad = [c for c in cfg.block_out_channels if c % cfg.attention_head_dim]
     if bad:
         raise ValueError(
@@ -208,6 +225,15 @@ def decoder_config(size: str = "tiny", **overrides) -> DecoderConfig:
             f"attention_head_dim {cfg.attention_head_dim}"
         )
     return cfg
+
+
+def _check_coarse(cfg: DecoderConfig) -> None:
+    if not 0 <= cfg.coarse_size <= cfg.latent_size:
+        raise ValueError(
+            f"decoder config: coarse_size must be in [0, {cfg.latent_size}] (0 = no coarse layout path), got {cfg.coarse_size}"
+        )
+    if cfg.coarse_size and cfg.coarse_hidden < 1:
+        raise ValueError(f"decoder config: coarse_hidden must be >= 1, got {cfg.coarse_hidden}")
 
 
 @register_component
@@ -235,6 +261,13 @@ class Decoder(ConfigModule):
         self.image_proj = nn.Linear(c.embed_dim, K * C)
         # Text token states (B, L, W) -> (B, L, C); absent when the decoder ignores text.
         self.text_proj = nn.Linear(c.text_width, C) if c.text_width > 0 else None
+        self.coarse = None
+        if c.coarse_size:
+            H = c.coarse_hidden
+            self.coarse = nn.Sequential(
+                nn.Linear(c.embed_dim, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU(),
+                nn.Linear(H, c.sample_channels * c.coarse_size**2),
+            )
         self.vae = None
         if c.vae:
             from genvl.tokenizers.vqvae import VQVAE, VQVAEConfig
@@ -242,7 +275,7 @@ class Decoder(ConfigModule):
             self.vae = VQVAE(VQVAEConfig(**c.vae)).eval().requires_grad_(False)  # frozen: never trained here
         self.unet = UNet2DConditionModel(
             sample_size=c.latent_size,
-            in_channels=c.sample_channels,
+            in_channels=c.sample_channels * (2 if c.coarse_size else 1),  # + the coarse layout channels
             out_channels=c.sample_channels,
             down_block_types=tuple(c.down_block_types),
             up_block_types=tuple(c.up_block_types),
@@ -284,6 +317,30 @@ class Decoder(ConfigModule):
             self.vae.eval()  # the frozen VQ-VAE never tracks code usage or restarts codes
         return self
 
+    def coarse_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, D) CLIP image embeddings -> (B, C, coarse_size, coarse_size): the coarse layout path's
+        prediction of the clean sample average-pooled to ``coarse_size`` (needs ``coarse_size > 0``)."""
+        c = self.config
+        if self.coarse is None:
+            raise ValueError("this decoder has no coarse layout path (coarse_size 0)")
+        z = image_embeds.to(self.dtype) * math.sqrt(c.embed_dim)  # unit RMS coordinates, as in forward
+        return self.coarse(z).view(-1, c.sample_channels, c.coarse_size, c.coarse_size)
+
+    def add_coarse(self, size: int, hidden: int = 1024) -> "Decoder":
+        """A copy of this decoder with a new coarse layout path of side ``size``, computing the same
+        function as this one: the UNet's new input channels start with zero weights."""
+        if self.coarse is not None:
+            raise ValueError(f"this decoder already has a coarse layout path (coarse_size {self.config.coarse_size})")
+        cfg = replace(self.config, coarse_size=int(size), coarse_hidden=int(hidden))
+        _check_coarse(cfg)
+        grown = Decoder(cfg).to(device=self.device, dtype=self.dtype)
+        state = self.state_dict()
+        w = state["unet.conv_in.weight"]  # (out, C, k, k)
+        state["unet.conv_in.weight"] = torch.cat([w, torch.zeros_like(w)], dim=1)  # (out, 2C, k, k)
+        state.update({k: v for k, v in grown.state_dict().items() if k.startswith("coarse.")})
+        grown.load_state_dict(state)
+        return grown.train(self.training)
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images in [-1, 1] -> (B, *sample_shape) clean samples x0 (float32).
@@ -321,7 +378,8 @@ class Decoder(ConfigModule):
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         raw: bool = False,
-    ) -> torch.Tensor:
+        return_coarse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the noise of ``noisy``.
 
         Args:
@@ -332,9 +390,12 @@ class Decoder(ConfigModule):
             text_mask: (B, L) 1 on real tokens (all zeros = unconditional); default all ones.
             raw: return what the UNet itself predicts (``config.parameterization``: v or epsilon),
                 for a training loss on that target.
+            return_coarse: also return the coarse layout path's output (B, C, coarse_size,
+                coarse_size), for its auxiliary loss (one forward, so DDP sees each weight once).
 
         Returns:
-            (B, 3, H, W) the predicted epsilon (``raw``: v or epsilon).
+            (B, 3, H, W) the predicted epsilon (``raw``: v or epsilon); with ``return_coarse`` a
+            tuple (that, coarse image).
         """
         c = self.config
         B = noisy.shape[0]
@@ -366,16 +427,24 @@ class Decoder(ConfigModule):
             raise ValueError("text_mask given without text_states")
         if not torch.is_tensor(timesteps) or timesteps.ndim == 0:
             timesteps = torch.as_tensor(timesteps, device=noisy.device).long().expand(B)  # (B,)
+        sample = noisy.to(dtype)
+        coarse = None
+        if self.coarse is not None:
+            coarse = self.coarse(z).view(B, c.sample_channels, c.coarse_size, c.coarse_size)
+            up = F.interpolate(coarse, size=sample.shape[-2:], mode="bilinear", align_corners=False)
+            sample = torch.cat([sample, up], dim=1)  # (B, 2C, s, s)
+        elif return_coarse:
+            raise ValueError("this decoder has no coarse layout path (coarse_size 0)")
         out = self.unet(
-            noisy.to(dtype),
+            sample,
             timesteps,
             encoder_hidden_states=tokens,
             class_labels=z,  # added to the time embedding through the projection MLP
             encoder_attention_mask=mask,
         ).sample  # (B, 3, H, W) v or epsilon
-        if raw:
-            return out
-        return _to_epsilon(out, noisy, timesteps, self.alphas_cumprod, c.parameterization)  # (B, 3, H, W)
+        if not raw:
+            out = _to_epsilon(out, noisy, timesteps, self.alphas_cumprod, c.parameterization)  # (B, 3, H, W)
+        return (out, coarse) if return_coarse else out
 
     def make_scheduler(self, kind: str = "ddpm"):
         """A diffusers scheduler for this decoder's noise schedule (epsilon prediction).

@@ -336,6 +336,9 @@ def train(
         from genvl.tokenizers.text import load_text_tokenizer
 
         resume_tok = load_text_tokenizer(ckpt / "tokenizer")
+    task.resuming = ckpt is not None  # build may skip work the checkpoint's weights replace
+    task.show_progress = progress and main
+    task.is_main = main
     model = task.build(dataset, init_dir, tokenizer=resume_tok)
     if cfg.lora_rank > 0:
         _check_lora(task, init_dir, out_dir)

@@ -174,3 +174,22 @@ def test_superres_shapes_conditioning_and_save_load(tmp_path):
         assert torch.equal(out, m2(x, t, lo, aug))
     with pytest.raises(ValueError, match="noisy images"):
         m(torch.randn(2, 3, 16, 16), t, lo, aug)
+
+
+def test_coarse_layout_path_conditions_and_grows_without_changing_the_function():
+    x, t, z, _, _ = _batch()
+    base = _decoder(seed=1)
+    grown = base.add_coarse(8, hidden=16).eval()
+    assert grown.config.coarse_size == 8 and grown.unet.config.in_channels == 6
+    with torch.no_grad():
+        assert torch.allclose(base(x, t, z), grown(x, t, z), atol=1e-6)  # zero weights on the new channels
+        grown.unet.conv_in.weight[:, 3:].normal_()
+        out, coarse = grown(x, t, z, return_coarse=True)
+        assert coarse.shape == (2, 3, 8, 8) and torch.equal(coarse, grown.coarse_image(z))
+        assert not torch.allclose(out, grown(x, t, z.flip(0)), atol=1e-5)
+    with pytest.raises(ValueError, match="already has"):
+        grown.add_coarse(8)
+    with pytest.raises(ValueError, match="coarse_size"):
+        decoder_config("tiny", coarse_size=64)
+    with pytest.raises(ValueError, match="no coarse"):
+        base(x, t, z, return_coarse=True)

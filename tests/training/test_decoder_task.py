@@ -205,3 +205,15 @@ def test_raw_output_is_what_the_epsilon_is_made_of():
         v, eps = dec(x, t, z, raw=True), dec(x, t, z)
     assert not torch.allclose(v, eps, atol=1e-3)
     torch.testing.assert_close(_to_epsilon(v, x, t, dec.alphas_cumprod, "v"), eps)
+
+
+def test_coarse_layout_path_is_fitted_then_trained(shapes_dir, clip_dir, tmp_path):
+    first = tmp_path / "first"
+    train(DecoderTask(cfg("max_steps=1")), shapes_dir, first, init=clip_dir, progress=False)
+    task = DecoderTask(cfg("max_steps=2", "model.coarse_size=4", "model.coarse_hidden=32", "model.coarse_fit_steps=200"))
+    res = train(task, shapes_dir, tmp_path / "grown", init=first, progress=False)
+    assert task.coarse_fit["mse"] < task.coarse_fit["mean_image_mse"]  # better than the mean image
+    assert all("coarse_mse" in r for r in res.history)
+    assert open_model_dir(tmp_path / "grown").load("decoder").config.coarse_size == 4
+    with pytest.raises(ConfigError, match="coarse layout path"):
+        DecoderTask(cfg("model.coarse_size=2")).build(None, open_model_dir(tmp_path / "grown"))

@@ -158,6 +158,13 @@ class DecoderTask(Task):
     released directory's decoder is replaced) and ``cache_inputs`` (default true for decoders without
     text: each training image's CLIP embedding and latents are computed once and kept by dataset
     index, as both come from frozen models and the images are not augmented).
+
+    Coarse layout path (:class:`~genvl.models.decoder.Decoder`, ``coarse_size``): ``coarse_size`` (0 =
+    off; a decoder from ``--init`` without one is grown with :meth:`~genvl.models.decoder.Decoder.add_coarse`),
+    ``coarse_hidden`` (default 1024), ``coarse_weight`` (default 1: weight of its auxiliary MSE onto the
+    clean sample average-pooled to ``coarse_size``, on the conditioned samples) and ``coarse_fit_steps``
+    (default 2000: a new path is first fitted alone by that regression, on the CLIP embeddings of up to
+    8,192 training images at batch 256, before the diffusion training starts; 0 = not).
     """
 
     stage = "decoder"
@@ -178,6 +185,7 @@ class DecoderTask(Task):
         self.cache_inputs = True
         self.fresh = False  # model.fresh: a new decoder although --init holds one
         self._cache: EncodingCache | None = None  # z (N, D) [and latents (N, C, s, s)] by dataset index
+        self.coarse_weight = 1.0
 
     def build(self, dataset, init, tokenizer=None) -> Decoder:
         if init is None:
@@ -200,6 +208,11 @@ class DecoderTask(Task):
         self.cache_inputs = bool(overrides.pop("cache_inputs", True))
         if not 0.0 <= self.cond_drop <= 1.0:
             raise ConfigError(f"bad decoder model config: cond_drop must be in [0, 1], got {self.cond_drop}")
+        self.coarse_weight = float(overrides.pop("coarse_weight", 1.0))
+        fit_steps = int(overrides.pop("coarse_fit_steps", 2000))
+        if self.coarse_weight < 0 or fit_steps < 0:
+            raise ConfigError("bad decoder model config: coarse_weight and coarse_fit_steps must be >= 0")
+        new_coarse = False
 
         if init.has("decoder") and not fresh:
             model = init.load("decoder")
@@ -221,6 +234,18 @@ class DecoderTask(Task):
                     f"model.latent is {latent} but the decoder in {init.path} works in "
                     f"{'latent' if dc.vae else 'pixel'} space (model.fresh: true builds a new one)"
                 )
+            size_wanted = int(overrides.get("coarse_size", dc.coarse_size))
+            if size_wanted != dc.coarse_size:
+                if dc.coarse_size:
+                    raise ConfigError(
+                        f"model.coarse_size is {size_wanted} but the decoder in {init.path} has a coarse layout path "
+                        f"of size {dc.coarse_size} (model.fresh: true builds a new decoder)"
+                    )
+                try:
+                    model = model.add_coarse(size_wanted, int(overrides.get("coarse_hidden", dc.coarse_hidden)))
+                except ValueError as e:
+                    raise ConfigError(f"bad decoder model config: {e}") from None
+                new_coarse = True
         else:
             W = W_clip if text_flag else 0
             for key, value in (("image_size", S), ("embed_dim", D), ("text_width", W)):
@@ -245,6 +270,9 @@ class DecoderTask(Task):
             model = Decoder(dcfg)
             if vq is not None:
                 model.vae.load_state_dict(vq.state_dict())
+            new_coarse = dcfg.coarse_size > 0
+        if new_coarse and fit_steps and not getattr(self, "resuming", False):
+            self._fit_coarse(model, dataset, fit_steps)
 
         self.text = model.config.text_width > 0
         text_len = clip.config.max_text_len
@@ -256,6 +284,42 @@ class DecoderTask(Task):
         self.dataset = dataset
         self.fixed_pixels, self.fixed_texts = _fixed_items(dataset)
         return model.train()
+
+    @torch.enable_grad()
+    def _fit_coarse(self, decoder: Decoder, dataset, steps: int, limit: int = 8192, batch: int = 256) -> None:
+        """Fit a new coarse layout path alone: MSE of ``coarse_image(z)`` onto the pooled clean samples."""
+        from tqdm.auto import tqdm
+
+        s = decoder.config.coarse_size
+        rng = random.Random(f"coarse:{self.cfg.seed}")
+        idx = sorted(rng.sample(range(len(dataset)), min(limit, len(dataset))))
+        show = getattr(self, "show_progress", False)
+        zs, ys = [], []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(idx), batch), desc="coarse layout: encoding", disable=not show, leave=False):
+                px = torch.stack([dataset[j]["pixel_values"] for j in idx[i:i + batch]])  # (b, 3, S, S)
+                zs.append(self.clip.encode_image(px).float())
+                ys.append(F.adaptive_avg_pool2d(decoder.encode(px), s))  # (b, C, s, s)
+        z, y = torch.cat(zs), torch.cat(ys)
+        params = list(decoder.coarse.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        for _ in tqdm(range(steps), desc="coarse layout: fitting", disable=not show, leave=False):
+            rows = torch.randint(0, len(z), (min(batch, len(z)),), generator=gen)
+            loss = F.mse_loss(decoder.coarse_image(z[rows]).float(), y[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            mse = sum(F.mse_loss(decoder.coarse_image(z[i:i + batch]).float(), y[i:i + batch], reduction="sum").item()
+                      for i in range(0, len(z), batch)) / y.numel()
+            base = F.mse_loss(y.mean(0, keepdim=True).expand_as(y), y).item()
+        if getattr(self, "is_main", True):
+            print(f"genvl: coarse layout path ({s}x{s}) fitted on {len(z)} images in {steps} steps: "
+                  f"MSE {mse:.4f} (the mean image: {base:.4f})")
+        self.coarse_fit = {"images": len(z), "steps": steps, "mse": mse, "mean_image_mse": base}
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         # The dataset's epoch is current here: set before each epoch's loader (and its workers) starts.
@@ -319,13 +383,22 @@ class DecoderTask(Task):
         noise = torch.randn_like(x0)  # (B, C, s, s)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), device=px.device)
         x_t = self.scheduler.add_noise(x0, noise, t)
-        if states is None:
-            out = model(x_t, t, z, raw=True)
-        else:
-            out = model(x_t, t, z, states, mask, raw=True)
+        coarse_path = decoder.coarse is not None
+        out = model(x_t, t, z, states, mask, raw=True, return_coarse=coarse_path)
+        if coarse_path:
+            out, coarse = out
         loss = diffusion_loss(out, x0, noise, t, self.scheduler.alphas_cumprod, decoder.config.parameterization,
                               self.weighting, self.snr_gamma)
-        return loss, {"cond_frac": 1.0 - batch["drop"].float().mean().item()}
+        logs = {"cond_frac": 1.0 - batch["drop"].float().mean().item()}
+        if coarse_path:
+            keep = ~batch["drop"]  # the unconditional samples' coarse image is free (a learned mean)
+            target = F.adaptive_avg_pool2d(x0, decoder.config.coarse_size)
+            if keep.any():
+                aux = F.mse_loss(coarse[keep].float(), target[keep])
+                logs["coarse_mse"] = aux.item()
+                if self.coarse_weight:
+                    loss = loss + self.coarse_weight * aux
+        return loss, logs
 
     @torch.no_grad()
     def reconstruct(self, decoder: Decoder, pixels: torch.Tensor, texts: list[str] | None = None,
