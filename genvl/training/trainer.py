@@ -60,6 +60,10 @@ class Task:
 
     # whether ``--data`` may be a tokenized set (genvl data tokenize) instead of images
     accepts_tokenized = False
+    # set by the trainer before build: resuming from a checkpoint, progress bars on, main process
+    resuming = False
+    show_progress = False
+    is_main = True
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

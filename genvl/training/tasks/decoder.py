@@ -271,7 +271,7 @@ class DecoderTask(Task):
             if vq is not None:
                 model.vae.load_state_dict(vq.state_dict())
             new_coarse = dcfg.coarse_size > 0
-        if new_coarse and fit_steps and not getattr(self, "resuming", False):
+        if new_coarse and fit_steps and not self.resuming:
             self._fit_coarse(model, dataset, fit_steps)
 
         self.text = model.config.text_width > 0
@@ -293,19 +293,17 @@ class DecoderTask(Task):
         s = decoder.config.coarse_size
         rng = random.Random(f"coarse:{self.cfg.seed}")
         idx = sorted(rng.sample(range(len(dataset)), min(limit, len(dataset))))
-        show = getattr(self, "show_progress", False)
         zs, ys = [], []
         with torch.no_grad():
-            for i in tqdm(range(0, len(idx), batch), desc="coarse layout: encoding", disable=not show, leave=False):
+            for i in tqdm(range(0, len(idx), batch), desc="coarse layout: encoding", disable=not self.show_progress, leave=False):
                 px = torch.stack([dataset[j]["pixel_values"] for j in idx[i:i + batch]])  # (b, 3, S, S)
                 zs.append(self.clip.encode_image(px).float())
                 ys.append(F.adaptive_avg_pool2d(decoder.encode(px), s))  # (b, C, s, s)
         z, y = torch.cat(zs), torch.cat(ys)
-        params = list(decoder.coarse.parameters())
-        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        opt = torch.optim.AdamW(decoder.coarse.parameters(), lr=1e-3, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        for _ in tqdm(range(steps), desc="coarse layout: fitting", disable=not show, leave=False):
+        for _ in tqdm(range(steps), desc="coarse layout: fitting", disable=not self.show_progress, leave=False):
             rows = torch.randint(0, len(z), (min(batch, len(z)),), generator=gen)
             loss = F.mse_loss(decoder.coarse_image(z[rows]).float(), y[rows])
             opt.zero_grad(set_to_none=True)
@@ -316,7 +314,7 @@ class DecoderTask(Task):
             mse = sum(F.mse_loss(decoder.coarse_image(z[i:i + batch]).float(), y[i:i + batch], reduction="sum").item()
                       for i in range(0, len(z), batch)) / y.numel()
             base = F.mse_loss(y.mean(0, keepdim=True).expand_as(y), y).item()
-        if getattr(self, "is_main", True):
+        if self.is_main:
             print(f"genvl: coarse layout path ({s}x{s}) fitted on {len(z)} images in {steps} steps: "
                   f"MSE {mse:.4f} (the mean image: {base:.4f})")
         self.coarse_fit = {"images": len(z), "steps": steps, "mse": mse, "mean_image_mse": base}
