@@ -109,6 +109,10 @@ def _check_sample_args(args) -> None:
         raise GenvlError("guidance scales must be >= 0 (1 = no guidance)")
     if args.size is not None and args.size % 8:
         raise GenvlError(f"--size must be a multiple of 8, got {args.size}")
+    if args.coarse_start is not None and not 0.0 < args.coarse_start <= 1.0:
+        raise GenvlError(f"--coarse-start must be in (0, 1] (1 = from pure noise), got {args.coarse_start}")
+    if args.coarse_start is not None and args.coarse_start < 1.0 and args.invert:
+        raise GenvlError("--coarse-start and --invert do not go together: both choose where sampling starts")
     if args.scheduler is not None and args.scheduler not in ("ddpm", "ddim", "dpm++"):
         raise GenvlError(f"unknown scheduler {args.scheduler!r}; choose ddpm, ddim or dpm++")
 
@@ -116,7 +120,7 @@ def _check_sample_args(args) -> None:
 # Sampling settings when neither the command line nor the model directory's genvl.json
 # ("sampling": {...}, the settings recommended for that model) gives them.
 SAMPLE_DEFAULTS = {"steps": 50, "prior_steps": 25, "guidance": 3.0, "prior_guidance": 4.0, "scheduler": "ddim",
-                   "prior_candidates": 1}
+                   "prior_candidates": 1, "coarse_start": 1.0}
 
 
 def _fill_sample_defaults(args, model_defaults: dict) -> None:
@@ -183,8 +187,13 @@ def cmd_sample(args) -> int:
     from genvl.sampling.io import slug, to_pil_images
 
     md = _model_dir(args.model, "sampling")
+    if args.invert and args.coarse_start is None:
+        args.coarse_start = 1.0  # inverted noise sets the start; a model's recommended coarse start does not apply
     _fill_sample_defaults(args, md.meta.get("sampling", {}))
     comps = unclip.UnclipComponents.from_model_dir(md, device=device)
+    if args.coarse_start < 1.0 and getattr(comps.decoder, "coarse", None) is None:
+        raise GenvlError(f"--coarse-start {args.coarse_start}: the decoder of {model_path} has no coarse layout path "
+                         "(trained with model.coarse_size > 0); leave --coarse-start out")
     dec_size = comps.decoder.config.image_size
     sr_size = comps.sr.config.image_size if comps.sr is not None else None
     superres = comps.sr is not None
@@ -195,9 +204,11 @@ def cmd_sample(args) -> int:
             sizes = f"{dec_size} px" + (f" or {sr_size} px with super-resolution" if sr_size else "")
             raise GenvlError(f"--size {args.size}: this model generates {sizes}")
     common = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                  superres=superres, progress=not args.no_progress)
+                  superres=superres, progress=not args.no_progress, coarse_start=args.coarse_start)
     meta = {"model": str(model_path), "method": "unclip", "seed": args.seed, "steps": args.steps,
             "guidance": args.guidance, "scheduler": args.scheduler}
+    if args.coarse_start < 1.0:
+        meta["coarse_start"] = args.coarse_start
     if args.variations:
         img = _load_image_arg(args.variations)
         out = unclip.variations(comps, img, num_images=args.num_images, invert=args.invert, **common)
@@ -241,6 +252,8 @@ def _sample_external(args, path: Path, device: str) -> int:
 
     if args.variations or args.interpolate:
         raise GenvlError("--variations and --interpolate need a genvl model directory")
+    if args.coarse_start is not None and args.coarse_start < 1.0:
+        raise GenvlError("--coarse-start needs a genvl decoder with a coarse layout path, not a diffusers pipeline")
     pipe = ExternalPipeline.from_dir(path, device=device)
     images = pipe.generate(args.prompt, num_images=args.num_images, steps=args.steps, prior_steps=args.prior_steps,
                            guidance=args.guidance, prior_guidance=args.prior_guidance, seed=args.seed,
@@ -559,7 +572,7 @@ def _evaluate_generation(args) -> int:
                               num_images=args.num_images, progress=not args.no_progress, steps=args.steps,
                               prior_steps=args.prior_steps, guidance=args.guidance,
                               prior_guidance=args.prior_guidance, scheduler=args.scheduler, seed=args.seed,
-                              prior_candidates=args.prior_candidates)
+                              prior_candidates=args.prior_candidates, coarse_start=args.coarse_start)
     images = res.pop("images")
     metrics = {k: res[k] for k in ("clip_score", "prompt_retrieval_accuracy", "fd_clip") if k in res}
     print(f"generation on {len(prompts)} prompts x {args.num_images} images "
@@ -572,6 +585,8 @@ def _evaluate_generation(args) -> int:
                 "scheduler": args.scheduler,
                 "prior_guidance": args.prior_guidance, "prior_candidates": args.prior_candidates, "seed": args.seed,
                 "num_images": args.num_images}
+    if args.coarse_start < 1.0:
+        settings["coarse_start"] = args.coarse_start
     result = {"kind": "generation", "model": str(md.path), "judge": args.clip or "own", "reference": args.data,
               **res, "prompts": prompts, "metrics": metrics, "settings": settings}
     if args.json:
@@ -884,6 +899,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the prompt (else the model decides)")
     s.add_argument("--variations", metavar="IMAGE", help="generate variations of this image instead of a prompt")
     s.add_argument("--invert", action="store_true", help="variations start from the DDIM-inverted noise of the image")
+    s.add_argument("--coarse-start", type=float, metavar="F",
+                   help="decoders with a coarse layout path: start from their coarse image of the embedding, noised "
+                        "to this fraction of the schedule, running that fraction of --steps (1 = from pure noise; "
+                        "default: model's, else 1)")
     s.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="interpolate between two prompts or images "
                    "(written as a GIF and a strip)")
     s.add_argument("--frames", type=_positive_int, default=8, help="frames for --interpolate")
@@ -969,6 +988,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prior-candidates", type=_positive_int,
                    help="generation: prior samples per image, the closest to the prompt kept (default: model's, else 1)")
     e.add_argument("--scheduler", help="generation: ddpm, ddim or dpm++ (default: model's, else ddim)")
+    e.add_argument("--coarse-start", type=float, metavar="F",
+                   help="generation: start the decoder from its coarse layout image at this noise fraction "
+                        "(1 = from pure noise; default: model's, else 1)")
     e.add_argument("--seed", type=_seed, default=0, help="generation: first seed (prompt i uses seed + i)")
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--method", choices=["clip", "diffusion", "prior", "ar"], default="clip",

@@ -379,6 +379,7 @@ class Decoder(ConfigModule):
         text_mask: torch.Tensor | None = None,
         raw: bool = False,
         return_coarse: bool = False,
+        coarse_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the noise of ``noisy``.
 
@@ -392,11 +393,17 @@ class Decoder(ConfigModule):
                 for a training loss on that target.
             return_coarse: also return the coarse layout path's output (B, C, coarse_size,
                 coarse_size), for its auxiliary loss (one forward, so DDP sees each weight once).
+            coarse_only: return only the coarse layout path's output, without running the UNet
+                (training that path alone; ``noisy`` and ``timesteps`` are not used).
 
         Returns:
             (B, 3, H, W) the predicted epsilon (``raw``: v or epsilon); with ``return_coarse`` a
             tuple (that, coarse image).
         """
+        if coarse_only:
+            if self.coarse is None:
+                raise ValueError("coarse_only: this decoder has no coarse layout path (coarse_size 0)")
+            return self.coarse_image(image_embeds)  # (B, C, coarse_size, coarse_size)
         c = self.config
         B = noisy.shape[0]
         if tuple(noisy.shape) != (B, *self.sample_shape):

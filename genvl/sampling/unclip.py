@@ -169,6 +169,16 @@ def _check_eta(eta: float, scheduler: str) -> None:
         raise GenvlError(f"eta applies to the ddim scheduler only, not {scheduler!r}")
 
 
+def _check_coarse_start(coarse_start: float) -> None:
+    if isinstance(coarse_start, bool) or not isinstance(coarse_start, (int, float)) or not 0.0 < coarse_start <= 1.0:
+        raise GenvlError(f"coarse_start must be in (0, 1] (1 = from pure noise), got {coarse_start!r}")
+
+
+def decoder_steps(steps: int, coarse_start: float = 1.0) -> int:
+    """Denoising steps the decoder runs for ``steps`` and ``coarse_start`` (all of them from pure noise)."""
+    return steps if coarse_start >= 1.0 else max(1, round(steps * coarse_start))
+
+
 def _check_count(name: str, n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise GenvlError(f"{name} must be a positive integer, got {n!r}")
@@ -472,6 +482,7 @@ def sample_decoder(
     init_noise: torch.Tensor | None = None,
     eta: float = 0.0,
     progress: Progress = None,
+    coarse_start: float = 1.0,
 ) -> torch.Tensor:
     """Decode CLIP image embeddings into images (epsilon-prediction pixel diffusion).
 
@@ -491,6 +502,12 @@ def sample_decoder(
             (B, 3, H, W) for a pixel decoder, (B, C, h, w) latents for a latent one.
         eta: DDIM stochasticity (ddim only): 0 deterministic, 1 DDPM-like.
         progress: None, True (tqdm) or a callable(stage, step, total).
+        coarse_start: below 1, start from the decoder's own coarse layout prediction instead of
+            pure noise (decoders with a coarse layout path, ``coarse_size`` > 0): its
+            ``coarse_image(z)``, upsampled, is noised to that fraction of the schedule and only the
+            last ``round(steps * coarse_start)`` steps run (SDEdit, Meng et al. 2021,
+            arXiv:2108.01073). The layout then comes from the embedding, the detail from the
+            diffusion. 1 = from pure noise.
 
     Returns:
         (B, 3, H, W) images in [-1, 1], H = W = ``decoder.config.image_size``.
@@ -499,7 +516,14 @@ def sample_decoder(
     _check_guidance("guidance", guidance)
     _check_scheduler(scheduler)
     _check_eta(eta, scheduler)
+    _check_coarse_start(coarse_start)
     cfg = decoder.config
+    if coarse_start < 1.0:
+        if getattr(decoder, "coarse", None) is None:
+            raise GenvlError("coarse_start < 1 needs a decoder with a coarse layout path (coarse_size > 0); "
+                             "this one has none: leave coarse_start at 1")
+        if init_noise is not None:
+            raise GenvlError("give init_noise or coarse_start < 1, not both: both set where sampling starts")
     if image_embeds.ndim != 2 or image_embeds.shape[1] != cfg.embed_dim:
         raise GenvlError(
             f"size mismatch: the decoder takes image embeddings of shape (B, {cfg.embed_dim}), got {tuple(image_embeds.shape)}"
@@ -528,13 +552,23 @@ def sample_decoder(
             mask = torch.cat([torch.zeros_like(mask), mask])  # (2B, L): no text
 
     sched = _make_scheduler(decoder, scheduler, steps, device)
+    timesteps = sched.timesteps
     if init_noise is not None:
         if tuple(init_noise.shape) != shape:
             raise GenvlError(f"size mismatch: init_noise must have shape {shape}, got {tuple(init_noise.shape)}")
         x = init_noise.to(device).float()  # x_T as given
+    elif coarse_start < 1.0:
+        first = steps - decoder_steps(steps, coarse_start)  # skip the noisiest steps (img2img "strength")
+        timesteps = timesteps[first:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(first)  # multistep solvers count their steps from here
+        coarse = decoder.coarse_image(image_embeds.to(device, dtype)).float()  # (B, C, c, c)
+        bound = getattr(decoder, "clip_range", 1.0)
+        x0 = F.interpolate(coarse, size=shape[-2:], mode="bilinear", align_corners=False).clamp(-bound, bound)
+        x = sched.add_noise(x0, _randn(shape, generator, device), timesteps[:1].repeat(B))  # (B, C, s, s) x_t
     else:
         x = _randn(shape, generator, device) * sched.init_noise_sigma  # (B, C, s, s)
-    for t in _steps(sched.timesteps, "decoder", progress):
+    for t in _steps(timesteps, "decoder", progress):
         x_in = sched.scale_model_input(x, t)
         if guided:
             x_in = torch.cat([x_in] * 2)  # (2B, C, s, s)
@@ -712,6 +746,7 @@ def text_to_image(
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
     progress: Progress = None,
+    coarse_start: float = 1.0,
 ) -> UnclipOutput:
     """Text -> CLIP image embedding (prior) -> image (decoder) [-> super-res].
 
@@ -734,6 +769,8 @@ def text_to_image(
         generator: instead of a seed, a generator used in turn by prior, decoder, super-res.
         device: move the components there first (default: where they are).
         progress: None, True (tqdm) or a callable(stage, step, total).
+        coarse_start: below 1, the decoder starts from its coarse layout prediction noised to
+            that fraction of the schedule (see :func:`sample_decoder`); 1 = from pure noise.
 
     Returns:
         UnclipOutput(images (P*n, 3, H, W) in [-1, 1], image_embeds (P*n, D), low_res, seed, settings).
@@ -748,6 +785,7 @@ def text_to_image(
     _check_guidance("prior_guidance", prior_guidance)
     _check_scheduler(scheduler)
     _check_scheduler(prior_scheduler)
+    _check_coarse_start(coarse_start)
     components.need("prior", "decoder", purpose="text-to-image")
     if superres and components.sr is not None:
         _check_steps("sr_steps", sr_steps)
@@ -768,7 +806,7 @@ def text_to_image(
         states, mask = text.token_states, text.attention_mask  # the decoder also reads the caption's tokens
     images = sample_decoder(
         decoder, z, steps=steps, guidance=guidance, scheduler=scheduler, generator=gen,
-        text_states=states, text_mask=mask, progress=progress,
+        text_states=states, text_mask=mask, progress=progress, coarse_start=coarse_start,
     )
     low_res = None
     if superres and components.sr is not None:
@@ -782,6 +820,8 @@ def text_to_image(
         guidance=guidance, prior_guidance=prior_guidance, scheduler=scheduler, prior_scheduler=prior_scheduler,
         prior_candidates=prior_candidates, superres=low_res is not None, seed=seed,
     )
+    if coarse_start < 1.0:
+        settings["coarse_start"] = coarse_start
     if low_res is not None:
         settings.update(sr_steps=sr_steps, sr_aug_level=sr_aug_level)
     return UnclipOutput(images=images, image_embeds=z, low_res=low_res, seed=seed, settings=settings)
@@ -836,6 +876,7 @@ def variations(
     sr_steps: int = 25,
     device: str | torch.device | None = None,
     progress: Progress = None,
+    coarse_start: float = 1.0,
 ) -> UnclipOutput:
     """Image variations: image -> CLIP image embedding -> decoder (DALL-E 2 sec. 3.1).
 
@@ -857,6 +898,8 @@ def variations(
         superres, sr_steps: run the super-res stage when the components have one.
         device: move the components there first.
         progress: None, True (tqdm) or a callable(stage, step, total).
+        coarse_start: below 1, start from the decoder's coarse layout prediction of the embedding
+            (see :func:`sample_decoder`); not with ``invert``.
 
     Returns:
         UnclipOutput(images (B*n, 3, H, W), image_embeds (B*n, D), low_res, seed, settings).
@@ -868,6 +911,9 @@ def variations(
     _check_eta(eta, scheduler)
     if invert:
         _check_steps("inversion_steps", inversion_steps)
+    _check_coarse_start(coarse_start)
+    if invert and coarse_start < 1.0:
+        raise GenvlError("invert and coarse_start < 1 do not go together: both choose where sampling starts")
     components.need("decoder", purpose="image variations")
     components.check()
     if device is not None:
@@ -886,7 +932,7 @@ def variations(
         init_noise = noise.repeat_interleave(num_images, dim=0)  # (B*n, C, s, s)
     images = sample_decoder(
         decoder, z, steps=steps, guidance=guidance, scheduler=scheduler, generator=gen,
-        init_noise=init_noise, eta=eta, progress=progress,
+        init_noise=init_noise, eta=eta, progress=progress, coarse_start=coarse_start,
     )
     low_res = None
     if superres and components.sr is not None:
@@ -896,6 +942,8 @@ def variations(
         method="variations", num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler,
         invert=invert, inversion_steps=inversion_steps if invert else None, eta=eta, seed=seed,
     )
+    if coarse_start < 1.0:
+        settings["coarse_start"] = coarse_start
     return UnclipOutput(images=images, image_embeds=z, low_res=low_res, seed=seed, settings=settings)
 
 
@@ -997,6 +1045,7 @@ def interpolate(
     sr_steps: int = 25,
     device: str | torch.device | None = None,
     progress: Progress = None,
+    coarse_start: float = 1.0,
 ) -> UnclipOutput:
     """Frames along the great circle between two prompts or images in CLIP image space.
 
@@ -1004,7 +1053,8 @@ def interpolate(
     an image (tensor in [-1, 1] or PIL) through CLIP's image tower. Frame i decodes
     slerp(z_a, z_b, i / (frames - 1)). Every frame starts from the same decoder noise (and gets
     the same per-step noise for stochastic schedulers), so only the embedding changes and the
-    animation is smooth.
+    animation is smooth. ``coarse_start`` < 1 starts each frame from the decoder's coarse layout
+    prediction of its embedding (see :func:`sample_decoder`).
 
     Returns:
         UnclipOutput(images (frames, 3, H, W), image_embeds (frames, D), low_res, seed, settings).
@@ -1016,6 +1066,7 @@ def interpolate(
     _check_guidance("guidance", guidance)
     _check_guidance("prior_guidance", prior_guidance)
     _check_scheduler(scheduler)
+    _check_coarse_start(coarse_start)
     components.need("decoder", purpose="interpolation")
     components.check()
     if device is not None:
@@ -1031,6 +1082,7 @@ def interpolate(
     gens = [torch.Generator().manual_seed(seed + 1) for _ in range(frames)]
     images = sample_decoder(
         components.decoder, z, steps=steps, guidance=guidance, scheduler=scheduler, generator=gens, progress=progress,
+        coarse_start=coarse_start,
     )
     low_res = None
     if superres and components.sr is not None:
@@ -1042,6 +1094,8 @@ def interpolate(
         frames=frames, steps=steps, guidance=guidance, prior_steps=prior_steps, prior_guidance=prior_guidance,
         scheduler=scheduler, seed=seed,
     )
+    if coarse_start < 1.0:
+        settings["coarse_start"] = coarse_start
     return UnclipOutput(images=images, image_embeds=z, low_res=low_res, seed=seed, settings=settings)
 
 
@@ -1062,11 +1116,13 @@ def mix(
     sr_steps: int = 25,
     device: str | torch.device | None = None,
     progress: Progress = None,
+    coarse_start: float = 1.0,
 ) -> UnclipOutput:
     """Decode a weighted blend of prompts and images in CLIP image space.
 
     z = normalize(sum_i w_i z_i) over the unit embeddings z_i of the items (prompts through the
-    prior, images through CLIP). Negative weights subtract a concept.
+    prior, images through CLIP). Negative weights subtract a concept. ``coarse_start`` as for
+    :func:`sample_decoder`.
 
     Args:
         items: (prompt or image, weight) pairs.
@@ -1087,6 +1143,7 @@ def mix(
     _check_guidance("guidance", guidance)
     _check_guidance("prior_guidance", prior_guidance)
     _check_scheduler(scheduler)
+    _check_coarse_start(coarse_start)
     components.need("decoder", purpose="mixing")
     components.check()
     if device is not None:
@@ -1104,6 +1161,7 @@ def mix(
     z = F.normalize(blend, dim=-1)[None].repeat(num_images, 1)  # (n, D)
     images = sample_decoder(
         components.decoder, z, steps=steps, guidance=guidance, scheduler=scheduler, generator=gen, progress=progress,
+        coarse_start=coarse_start,
     )
     low_res = None
     if superres and components.sr is not None:
@@ -1114,6 +1172,8 @@ def mix(
         num_images=num_images, steps=steps, guidance=guidance, prior_steps=prior_steps,
         prior_guidance=prior_guidance, scheduler=scheduler, seed=seed,
     )
+    if coarse_start < 1.0:
+        settings["coarse_start"] = coarse_start
     return UnclipOutput(images=images, image_embeds=z, low_res=low_res, seed=seed, settings=settings)
 
 

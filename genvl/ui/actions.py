@@ -341,7 +341,12 @@ def _load_unclip(md, dev: str):
 
 
 # Text-to-image settings of genvl sample that the page passes through unchanged (when the command line has them).
-_UNCLIP_FIXED = ("prior_candidates",)
+_UNCLIP_FIXED = ("prior_candidates", "coarse_start")
+
+
+def _coarse(s: dict, invert: bool = False) -> float:
+    """The coarse start genvl sample uses with these settings (inverted noise sets its own start)."""
+    return 1.0 if invert else float(s.get("coarse_start", 1.0))
 
 
 def _run_unclip(comps, md, prompt: str, s: dict, tracker: StepTracker) -> Generation:
@@ -351,7 +356,9 @@ def _run_unclip(comps, md, prompt: str, s: dict, tracker: StepTracker) -> Genera
     t0 = time.perf_counter()
     # settings the page has no box for, as genvl sample uses them without options (e.g. prior_candidates)
     fixed = {k: s[k] for k in _UNCLIP_FIXED if k in s}
-    tracker.expected = s["prior_steps"] + s["steps"] + _sr_steps(comps)
+    if fixed.get("coarse_start", 0.0) >= 1.0:
+        del fixed["coarse_start"]  # from pure noise: as genvl sample, not recorded
+    tracker.expected = s["prior_steps"] + unclip.decoder_steps(s["steps"], _coarse(s)) + _sr_steps(comps)
     out = unclip.text_to_image(comps, [prompt], num_images=s["num_images"], steps=s["steps"],
                                prior_steps=s["prior_steps"], guidance=s["guidance"],
                                prior_guidance=s["prior_guidance"], scheduler=s["scheduler"], seed=s["seed"],
@@ -493,11 +500,15 @@ def variations(comps, md, name: str, image: Image.Image, s: dict, tracker: StepT
 
     check_settings(s, ("seed", *VARIATION_OPTIONS))
     t0 = time.perf_counter()
-    tracker.expected = s["steps"] + (50 if s["invert"] else 0) + _sr_steps(comps)
+    coarse = _coarse(s, invert=bool(s["invert"]))
+    tracker.expected = unclip.decoder_steps(s["steps"], coarse) + (50 if s["invert"] else 0) + _sr_steps(comps)
     out = unclip.variations(comps, image, num_images=s["num_images"], steps=s["steps"], guidance=s["guidance"],
-                            scheduler=s["scheduler"], seed=s["seed"], invert=bool(s["invert"]), progress=tracker)
+                            scheduler=s["scheduler"], seed=s["seed"], invert=bool(s["invert"]), progress=tracker,
+                            coarse_start=coarse)
     meta = {"model": str(md.path), "method": "unclip", "seed": s["seed"], "steps": s["steps"],
             "guidance": s["guidance"], "scheduler": s["scheduler"], "variations_of": name, "invert": bool(s["invert"])}
+    if coarse < 1.0:
+        meta["coarse_start"] = coarse
     images = to_pil_images(out.images)
     return Generation(images, [{**meta, "index": i} for i in range(len(images))], time.perf_counter() - t0)
 
@@ -520,16 +531,19 @@ def interpolation(comps, md, a: Endpoint, b: Endpoint, s: dict, tracker: StepTra
     check_settings(s, ("seed", *INTERPOLATION_OPTIONS))
     t0 = time.perf_counter()
     prompts = sum(isinstance(e, str) for e in (a, b))
-    tracker.expected = prompts * s["prior_steps"] + s["steps"] + _sr_steps(comps)
+    coarse = _coarse(s)
+    tracker.expected = prompts * s["prior_steps"] + unclip.decoder_steps(s["steps"], coarse) + _sr_steps(comps)
     out = unclip.interpolate(comps, a if isinstance(a, str) else a[1], b if isinstance(b, str) else b[1],
                              frames=s["frames"], steps=s["steps"], guidance=s["guidance"],
                              prior_steps=s["prior_steps"], prior_guidance=s["prior_guidance"],
-                             scheduler=s["scheduler"], seed=s["seed"], progress=tracker)
+                             scheduler=s["scheduler"], seed=s["seed"], progress=tracker, coarse_start=coarse)
     frames = to_pil_images(out.images)
     meta = {"model": str(md.path), "method": "unclip", "seed": s["seed"], "steps": s["steps"],
             "guidance": s["guidance"], "scheduler": s["scheduler"],
             "interpolate": [_endpoint_label(a), _endpoint_label(b)], "frames": s["frames"],
             "prior_steps": s["prior_steps"], "prior_guidance": s["prior_guidance"]}
+    if coarse < 1.0:
+        meta["coarse_start"] = coarse
     return Generation(frames, [{**meta, "index": i} for i in range(len(frames))], time.perf_counter() - t0,
                       gif=gif_bytes(frames))
 

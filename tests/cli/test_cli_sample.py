@@ -174,3 +174,49 @@ def test_evaluate_generation_reports_and_records(model_dir, tmp_path, capsys):
     one.write_text("a cat\n")
     assert main(["evaluate", "generation", "--model", str(m), "--prompts", str(one)]) == 2
     assert "at least two distinct prompts" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def coarse_dir(model_dir, tmp_path_factory):
+    """The model directory with a decoder that has a coarse layout path, recommending coarse_start 0.5."""
+    from genvl.checkpoint import open_model_dir
+
+    md = open_model_dir(model_dir)
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("c") / "model"
+    save_model_dir(d, {"clip": md.load("clip"), "prior": md.load("prior"),
+                       "decoder": md.load("decoder").add_coarse(4, hidden=16)}, tokenizer=md.tokenizer())
+    meta = json.loads((d / "genvl.json").read_text())
+    meta["sampling"] = {"coarse_start": 0.5}
+    (d / "genvl.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_coarse_start_from_the_model_and_the_command_line(coarse_dir, tmp_path, capsys):
+    a, b, c = (tmp_path / f"{n}.png" for n in "abc")
+    assert main(["sample", "a red heart", "--model", str(coarse_dir), "--out", str(a), "--num-images", "1", *FAST]) == 0
+    assert read_png_metadata(a)["coarse_start"] == 0.5  # the model's recommendation
+    assert main(["sample", "a red heart", "--model", str(coarse_dir), "--out", str(b), "--num-images", "1",
+                 "--coarse-start", "1", *FAST]) == 0
+    assert "coarse_start" not in read_png_metadata(b)  # from pure noise
+    assert not np.array_equal(_pixels(a), _pixels(b))
+    src = tmp_path / "src.png"
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(src)
+    # inverted noise sets the start itself: the recommendation does not apply, an explicit value is an error
+    assert main(["sample", "--variations", str(src), "--invert", "--model", str(coarse_dir), "--out", str(c),
+                 "--num-images", "1", *FAST]) == 0
+    assert "coarse_start" not in read_png_metadata(c)
+    capsys.readouterr()
+    assert main(["sample", "--variations", str(src), "--invert", "--coarse-start", "0.5", "--model", str(coarse_dir),
+                 "--out", str(tmp_path), *FAST]) == 2
+    assert "do not go together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,needle", [("0", "must be in (0, 1]"), ("1.5", "must be in (0, 1]"),
+                                          ("0.5", "no coarse layout path")])
+def test_bad_coarse_start_one_line(model_dir, tmp_path, capsys, value, needle):
+    assert main(["sample", "a cat face", "--model", str(model_dir), "--out", str(tmp_path), "--coarse-start", value,
+                 *FAST]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.png"))

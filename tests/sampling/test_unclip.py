@@ -26,6 +26,7 @@ from genvl.sampling.unclip import (
     UnclipComponents,
     UnclipOutput,
     ddim_invert,
+    decoder_steps,
     embed_items,
     encode_prompts,
     interpolate,
@@ -697,3 +698,84 @@ def test_real_text_conditioned_decoder(clip, tokenizer, real_prior):
     assert not torch.allclose(x[0], x[1], atol=1e-4)
     with pytest.raises(GenvlError, match="size mismatch: the decoder expects CLIP text_width 16"):
         UnclipComponents(clip, tokenizer, real_prior, Decoder(decoder_config("tiny", image_size=16, text_width=16))).check()
+
+
+# ------------------------------------------------------------------------- coarse layout start
+class StandInCoarseDecoder(StandInDecoder):
+    """The stand-in with a coarse layout path that predicts its conditional mean exactly."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.coarse = nn.Identity()  # the sampler only asks whether a path exists
+        self.clip_range = 1.0
+
+    def coarse_image(self, image_embeds):
+        return self.mean(image_embeds)  # (B, 3, S, S): coarse_size = image size here
+
+
+def test_coarse_start_keeps_the_layout_and_skips_the_noisiest_steps():
+    dec = StandInCoarseDecoder()
+    z = _unit(30, 4)
+    with torch.no_grad():
+        mu = dec.mean(z)
+    full = sample_decoder(dec, z, steps=10, guidance=1.0, generator=_gen(0))
+    assert len(dec.calls) == 10
+    dec.calls.clear()
+    part = sample_decoder(dec, z, steps=10, guidance=1.0, generator=_gen(0), coarse_start=0.2)
+    assert len(dec.calls) == decoder_steps(10, 0.2) == 2  # only the last 20% of the schedule runs
+    # From pure noise a sample lands ~S2 from the mean. From the mean noised to alpha_bar(t) ~ 0.9,
+    # deterministic DDIM keeps (1 - a) S2 / (a S2 + 1 - a) ~ 0.3 S2 of it.
+    err_full, err_part = float((full - mu).pow(2).mean()), float((part - mu).pow(2).mean())
+    assert err_part < 0.6 * err_full, (err_part, err_full)
+    assert torch.equal(part, sample_decoder(dec, z, steps=10, guidance=1.0, generator=_gen(0), coarse_start=0.2))
+    assert not torch.allclose(part, sample_decoder(dec, z, steps=10, guidance=1.0, generator=_gen(1), coarse_start=0.2))
+    # coarse_start 1 is the ordinary path, to the bit
+    assert torch.equal(full, sample_decoder(dec, z, steps=10, guidance=1.0, generator=_gen(0), coarse_start=1.0))
+
+
+@pytest.mark.parametrize("kind", SCHEDULERS)
+def test_coarse_start_with_every_scheduler(kind):
+    dec = StandInCoarseDecoder()
+    z = _unit(31, 2)
+    x = sample_decoder(dec, z, steps=8, guidance=2.0, scheduler=kind, generator=_gen(0), coarse_start=0.5)
+    with torch.no_grad():
+        mu = dec.mean(z)
+    assert x.shape == (2, 3, S, S) and torch.isfinite(x).all()
+    assert float((x - mu).pow(2).mean()) < 0.25, kind
+
+
+def test_coarse_start_errors():
+    z = _unit(32, 1)
+    with pytest.raises(GenvlError, match="needs a decoder with a coarse layout path"):
+        sample_decoder(StandInDecoder(), z, steps=2, coarse_start=0.5)
+    dec = StandInCoarseDecoder()
+    for bad in (0.0, -0.2, 1.5, True, "half"):
+        with pytest.raises(GenvlError, match="coarse_start must be in"):
+            sample_decoder(dec, z, steps=2, coarse_start=bad)
+    with pytest.raises(GenvlError, match="not both"):
+        sample_decoder(dec, z, steps=2, coarse_start=0.5, init_noise=torch.zeros(1, 3, S, S))
+
+
+def test_coarse_start_through_the_pipelines(clip, tokenizer):
+    comps = _components(clip, tokenizer, prior=StandInPrior(), decoder=StandInCoarseDecoder())
+    out = text_to_image(comps, ["a red circle"], steps=4, prior_steps=2, seed=0, coarse_start=0.5)
+    assert out.settings["coarse_start"] == 0.5 and out.images.shape == (1, 3, S, S)
+    assert "coarse_start" not in text_to_image(comps, ["a red circle"], steps=2, prior_steps=2, seed=0).settings
+    img = _shape_image(size=S)
+    assert variations(comps, img, steps=4, seed=0, coarse_start=0.5).settings["coarse_start"] == 0.5
+    with pytest.raises(GenvlError, match="do not go together"):
+        variations(comps, img, steps=2, invert=True, coarse_start=0.5)
+    frames = interpolate(comps, "a red circle", img, frames=2, steps=4, prior_steps=2, seed=0, coarse_start=0.5)
+    assert frames.images.shape == (2, 3, S, S) and frames.settings["coarse_start"] == 0.5
+    assert mix(comps, [("a red circle", 1.0)], steps=4, prior_steps=2, seed=0, coarse_start=0.5).images.shape[0] == 1
+
+
+def test_real_decoder_with_a_coarse_path_starts_from_its_layout():
+    from genvl.models.decoder import Decoder, decoder_config
+
+    torch.manual_seed(0)
+    dec = Decoder(decoder_config("tiny", image_size=16, coarse_size=4, coarse_hidden=32)).eval()
+    z = _unit(33, 2)
+    x = sample_decoder(dec, z, steps=4, guidance=2.0, generator=_gen(0), coarse_start=0.5)
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+    assert torch.equal(x, sample_decoder(dec, z, steps=4, guidance=2.0, generator=_gen(0), coarse_start=0.5))

@@ -217,3 +217,31 @@ def test_coarse_layout_path_is_fitted_then_trained(shapes_dir, clip_dir, tmp_pat
     assert open_model_dir(tmp_path / "grown").load("decoder").config.coarse_size == 4
     with pytest.raises(ConfigError, match="coarse layout path"):
         DecoderTask(cfg("model.coarse_size=2")).build(None, open_model_dir(tmp_path / "grown"))
+
+
+def test_coarse_only_trains_the_layout_path_and_keeps_the_decoder(shapes_dir, clip_dir, tmp_path):
+    """model.coarse_only grows and trains the layout path alone: the UNet's weights and its output on
+    the original input stay exactly as trained, while the path's error falls."""
+    first = tmp_path / "first"
+    train(DecoderTask(cfg("max_steps=1")), shapes_dir, first, init=clip_dir, progress=False)
+    task = DecoderTask(cfg("max_steps=30", "lr=3e-3", "warmup_steps=0", "ema_decay=0", "model.coarse_size=4",
+                           "model.coarse_hidden=32", "model.coarse_fit_steps=0", "model.coarse_only=true",
+                           "model.cond_drop=0"))
+    res = train(task, shapes_dir, tmp_path / "layout", init=first, progress=False)
+    losses = [r["coarse_mse"] for r in res.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    before = open_model_dir(first).load("decoder").eval()
+    after = open_model_dir(tmp_path / "layout").load("decoder").eval()
+    assert after.config.coarse_size == 4
+    old, new = before.state_dict(), after.state_dict()
+    for k, v in old.items():
+        if k == "unet.conv_in.weight":
+            assert torch.equal(new[k][:, :v.shape[1]], v) and not new[k][:, v.shape[1]:].any()
+        else:
+            assert torch.equal(new[k], v), k
+    S, D = after.config.image_size, after.config.embed_dim
+    x, t, z = torch.randn(2, 3, S, S), torch.tensor([5, 700]), torch.nn.functional.normalize(torch.randn(2, D), dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(after(x, t, z), before(x, t, z))
+    with pytest.raises(ConfigError, match="coarse_only needs a coarse layout path"):
+        DecoderTask(cfg("model.coarse_only=true")).build(None, open_model_dir(first))

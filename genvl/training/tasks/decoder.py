@@ -164,7 +164,10 @@ class DecoderTask(Task):
     ``coarse_hidden`` (default 1024), ``coarse_weight`` (default 1: weight of its auxiliary MSE onto the
     clean sample average-pooled to ``coarse_size``, on the conditioned samples) and ``coarse_fit_steps``
     (default 2000: a new path is first fitted alone by that regression, on the CLIP embeddings of up to
-    8,192 training images at batch 256, before the diffusion training starts; 0 = not).
+    8,192 training images at batch 256, before the diffusion training starts; 0 = not) and
+    ``coarse_only`` (default false; true: train only the coarse layout path, by its regression on the
+    conditioned samples, the UNet frozen and not run, e.g. to give an already trained decoder a
+    layout path for ``genvl sample --coarse-start`` without changing what it computes).
     """
 
     stage = "decoder"
@@ -186,6 +189,7 @@ class DecoderTask(Task):
         self.fresh = False  # model.fresh: a new decoder although --init holds one
         self._cache: EncodingCache | None = None  # z (N, D) [and latents (N, C, s, s)] by dataset index
         self.coarse_weight = 1.0
+        self.coarse_only = False  # model.coarse_only: only the coarse layout path trains
 
     def build(self, dataset, init, tokenizer=None) -> Decoder:
         if init is None:
@@ -212,6 +216,7 @@ class DecoderTask(Task):
         fit_steps = int(overrides.pop("coarse_fit_steps", 2000))
         if self.coarse_weight < 0 or fit_steps < 0:
             raise ConfigError("bad decoder model config: coarse_weight and coarse_fit_steps must be >= 0")
+        self.coarse_only = bool(overrides.pop("coarse_only", False))
         new_coarse = False
 
         if init.has("decoder") and not fresh:
@@ -271,6 +276,11 @@ class DecoderTask(Task):
             if vq is not None:
                 model.vae.load_state_dict(vq.state_dict())
             new_coarse = dcfg.coarse_size > 0
+        if self.coarse_only:
+            if model.coarse is None:
+                raise ConfigError("model.coarse_only needs a coarse layout path: set model.coarse_size (e.g. 16)")
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("coarse."))  # the UNet and embedding projections stay as they are
         if new_coarse and fit_steps and not self.resuming:
             self._fit_coarse(model, dataset, fit_steps)
 
@@ -378,6 +388,12 @@ class DecoderTask(Task):
             z = z * (~batch["drop"]).to(z.dtype)[:, None]  # zeros = unconditional
             if states is not None:
                 mask = mask * (~batch["text_drop"]).to(mask.dtype)[:, None]  # (B, L)
+        if self.coarse_only:  # the layout path alone: its regression on the conditioned samples
+            keep = ~batch["drop"]
+            coarse = model(x0, None, z, states, mask, coarse_only=True)  # (B, C, c, c)
+            target = F.adaptive_avg_pool2d(x0, decoder.config.coarse_size)
+            loss = F.mse_loss(coarse[keep].float(), target[keep]) if keep.any() else coarse.sum() * 0.0
+            return loss, {"coarse_mse": loss.item()}
         noise = torch.randn_like(x0)  # (B, C, s, s)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), device=px.device)
         x_t = self.scheduler.add_noise(x0, noise, t)
