@@ -392,7 +392,7 @@ def write_model_card(path: str | Path, meta: dict) -> None:
     for name, rec in meta.get("training", {}).items():
         lines += [f"## Training: {name}", ""]
         for key in ("init", "data", "pairs", "skipped", "steps", "batch_size", "samples_seen", "time", "hardware",
-                    "final_loss"):
+                    "final_loss", "note"):
             if key in rec:
                 lines.append(f"- {key.replace('_', ' ')}: {_fmt(rec[key])}")
         if rec.get("command"):

@@ -20,9 +20,11 @@ genvl train decoder --data data/emoji --init "$RUN" --out "$RUN" --config config
 # then 5,000 steps more on the emoji without skin-tone variations (each object seen twice as often)
 genvl train decoder --data data/emoji-base --init "$RUN" --out "$T2I" --config configs/demo-decoder-base.yaml
 # the prior then trained 5,000 steps more (a fresh cosine cycle), and the decoder got its coarse layout path
-# (only that path trains; the UNet is untouched)
+# (only that path trains, on the image embeddings and on 2 prior samples per image; the UNet is untouched)
 genvl train prior   --data data/emoji --init "$T2I" --out "$T2I" --config configs/demo-prior.yaml --set max_steps=5000
 genvl train decoder --data data/emoji-base --init "$T2I" --out "$T2I" --config configs/demo-decoder-layout.yaml
+# then the whole decoder trained 2,500 steps more on the image embeddings and the prior's samples
+genvl train decoder --data data/emoji-base --init "$T2I" --out "$T2I" --config configs/demo-decoder-prior.yaml
 # recommended sampling settings (measured with the sweep in the model card): decoder guidance 1.5, prior 2;
 # coarse start 0.7 (CLIP score / prompt retrieval on the evaluation prompts: 47.0 / 39% from pure noise, 54.0 / 64% at 0.7)
 python - "$T2I" <<'PY'

@@ -620,6 +620,10 @@ class ImageTextDataset(Dataset):
             return variants[0]
         return variants[random.Random(f"variant:{self.seed}:{self.epoch}:{index}").randrange(len(variants))]
 
+    def variants(self, index: int) -> tuple[str, ...]:
+        """Every caption variant of sample ``index``, without dropout (the first is canonical)."""
+        return self._variants[index]
+
     @property
     def captions(self) -> list[str]:
         """The canonical (first) caption of every sample, without dropout."""

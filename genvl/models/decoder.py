@@ -227,6 +227,15 @@ def decoder_config(size: str = "tiny", **overrides) -> DecoderConfig:
     return cfg
 
 
+def _coarse_mlp(cfg: DecoderConfig) -> nn.Sequential:
+    """The coarse layout path: z_image (B, D) -> (B, C * coarse_size**2), two hidden SiLU layers."""
+    H = cfg.coarse_hidden
+    return nn.Sequential(
+        nn.Linear(cfg.embed_dim, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU(),
+        nn.Linear(H, cfg.sample_channels * cfg.coarse_size**2),
+    )
+
+
 def _check_coarse(cfg: DecoderConfig) -> None:
     if not 0 <= cfg.coarse_size <= cfg.latent_size:
         raise ValueError(
@@ -261,13 +270,7 @@ class Decoder(ConfigModule):
         self.image_proj = nn.Linear(c.embed_dim, K * C)
         # Text token states (B, L, W) -> (B, L, C); absent when the decoder ignores text.
         self.text_proj = nn.Linear(c.text_width, C) if c.text_width > 0 else None
-        self.coarse = None
-        if c.coarse_size:
-            H = c.coarse_hidden
-            self.coarse = nn.Sequential(
-                nn.Linear(c.embed_dim, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU(),
-                nn.Linear(H, c.sample_channels * c.coarse_size**2),
-            )
+        self.coarse = _coarse_mlp(c) if c.coarse_size else None
         self.vae = None
         if c.vae:
             from genvl.tokenizers.vqvae import VQVAE, VQVAEConfig
@@ -340,6 +343,18 @@ class Decoder(ConfigModule):
         state.update({k: v for k, v in grown.state_dict().items() if k.startswith("coarse.")})
         grown.load_state_dict(state)
         return grown.train(self.training)
+
+    def reset_coarse(self) -> "Decoder":
+        """Replace the coarse layout path's MLP by a new, untrained one (in place; returns self).
+
+        The UNet keeps all its weights, including those of its coarse input channels, so a decoder
+        whose UNet never read those channels (one grown by :meth:`add_coarse` whose UNet was not
+        trained since) still denoises exactly as before; only :meth:`coarse_image` changes.
+        """
+        if self.coarse is None:
+            raise ValueError("this decoder has no coarse layout path (coarse_size 0)")
+        self.coarse = _coarse_mlp(self.config).to(device=self.device, dtype=self.dtype).train(self.training)
+        return self
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -245,3 +245,127 @@ def test_coarse_only_trains_the_layout_path_and_keeps_the_decoder(shapes_dir, cl
         torch.testing.assert_close(after(x, t, z), before(x, t, z))
     with pytest.raises(ConfigError, match="coarse_only needs a coarse layout path"):
         DecoderTask(cfg("model.coarse_only=true")).build(None, open_model_dir(first))
+
+
+def _with_prior_and_layout(shapes_dir, clip_dir, tmp_path):
+    """clip + decoder with a 4x4 layout path (UNet never trained on it) + a (barely) trained prior."""
+    from genvl.training.tasks.prior import PriorTask
+
+    first = tmp_path / "first"
+    train(DecoderTask(cfg("max_steps=1", "model.coarse_size=4", "model.coarse_hidden=64", "model.coarse_fit_steps=0",
+                          "model.coarse_only=true")), shapes_dir, first, init=clip_dir, progress=False)
+    both = tmp_path / "both"
+    train(PriorTask(cfg("batch_size=16", "max_steps=40", "lr=3e-3")), shapes_dir, both, init=first, progress=False)
+    return both
+
+
+def test_prior_samples_fit_the_layout_path_on_the_priors_draws(shapes_dir, tmp_path):
+    """model.coarse_refit + prior_samples: a new layout path is fitted on the images' embeddings and on
+    embeddings the prior draws from their captions; it predicts the images from those draws better than a path
+    fitted on the image embeddings alone, and the UNet is untouched."""
+    from genvl.sampling.unclip import sample_prior
+
+    clip_dir = tmp_path / "clip_model_20"
+    train(CLIPTask(cfg("max_steps=20", "lr=3e-3")), shapes_dir, clip_dir, progress=False)
+    base = _with_prior_and_layout(shapes_dir, clip_dir, tmp_path)
+    common = ("max_steps=2", "ema_decay=0", "model.coarse_refit=true", "model.coarse_fit_steps=1000",
+              "model.coarse_only=true", "model.cond_drop=0")
+    plain = DecoderTask(cfg(*common))
+    train(plain, shapes_dir, tmp_path / "plain", init=base, progress=False)
+    task = DecoderTask(cfg(*common, "model.prior_samples=2"))
+    train(task, shapes_dir, tmp_path / "mixed", init=base, progress=False)
+    n = len(open_image_text(shapes_dir))
+    assert task.coarse_fit["images"] == n and task.coarse_fit["prior_samples"] == 2 * n
+    assert plain.coarse_fit["prior_samples"] == 0
+
+    table, has = task._prior_table
+    assert has.all() and table.shape[:2] == (n, 2)
+    torch.testing.assert_close(table.norm(dim=-1), torch.ones(n, 2))  # unit CLIP image embeddings
+    md = open_model_dir(base)
+    clip, prior = md.load("clip").eval(), md.load("prior").eval()
+    # Shapes have one caption each: both draws of an image come from it, as genvl sample would draw them
+    # (the default prior settings where the model recommends none), from a generator seeded with the seed.
+    data = open_image_text(shapes_dir, image_size=32)
+    texts = [data.variants(i)[0] for i in range(n) for _ in range(2)]
+    gen = torch.Generator().manual_seed(task.cfg.seed)
+    draws = sample_prior(prior, clip, md.tokenizer(), texts, steps=25, guidance=4.0, generator=gen)
+    torch.testing.assert_close(table.reshape(-1, table.shape[-1]), draws)
+    with torch.no_grad():
+        px = torch.stack([data[i]["pixel_values"] for i in range(n)])
+        z = clip.encode_image(px)
+    assert (torch.nn.functional.cosine_similarity(table[:, 0], z, dim=-1) < 0.999).all()  # draws, not the images
+
+    target = torch.nn.functional.adaptive_avg_pool2d(px, 4).repeat_interleave(2, dim=0)
+    drawn = table.reshape(-1, table.shape[-1])
+    errors = {}
+    for name in ("plain", "mixed"):
+        dec = open_model_dir(tmp_path / name).load("decoder").eval()
+        with torch.no_grad():
+            errors[name] = torch.nn.functional.mse_loss(dec.coarse_image(drawn), target).item()
+        old, new = md.load("decoder").state_dict(), dec.state_dict()
+        assert all(torch.equal(new[k], v) for k, v in old.items() if not k.startswith("coarse.")), name
+        assert not torch.equal(new["coarse.0.weight"], old["coarse.0.weight"])  # refitted from scratch
+    assert errors["mixed"] < 0.8 * errors["plain"], errors
+
+
+def test_prior_samples_are_mixed_into_coarse_only_batches():
+    task = DecoderTask(cfg())
+    K, D = 3, 4
+    table, has = torch.randn(10, K, D), torch.zeros(10, dtype=torch.bool)
+    has[:5] = True
+    task._prior_table = (table, has)
+    torch.manual_seed(0)
+    index = torch.arange(10).repeat(200)
+    keep = torch.ones(len(index), dtype=torch.bool)
+    keep[::7] = False  # dropped (unconditional) rows keep their zeros
+    z = torch.zeros(len(index), D)
+    out = task._mix_prior_samples(z, index, keep)
+    swapped = out.abs().sum(-1) > 0
+    assert not swapped[index >= 5].any() and not swapped[~keep].any()
+    frac = swapped[(index < 5) & keep].float().mean().item()
+    assert abs(frac - K / (K + 1)) < 0.05, frac
+    rows = swapped.nonzero().squeeze(1)
+    assert all(any(torch.equal(out[r], table[index[r], k]) for k in range(K)) for r in rows[:50].tolist())
+    assert not z.any()  # the input is not modified
+
+
+def test_prior_samples_and_refit_errors(shapes_dir, clip_dir, tmp_path):
+    first = tmp_path / "first"
+    train(DecoderTask(cfg("max_steps=1")), shapes_dir, first, init=clip_dir, progress=False)
+    md = open_model_dir(first)
+    with pytest.raises(ModelDirError, match="prior"):
+        DecoderTask(cfg("model.coarse_size=4", "model.prior_samples=2")).build(None, md)
+    with pytest.raises(ConfigError, match="prior_samples must be >= 0"):
+        DecoderTask(cfg("model.prior_samples=-1")).build(None, md)
+    with pytest.raises(ConfigError, match="has no coarse layout path"):
+        DecoderTask(cfg("model.coarse_refit=true")).build(None, md)
+
+
+def test_prior_samples_condition_the_full_decoder_loss(shapes_dir, clip_dir, tmp_path, monkeypatch):
+    """Without coarse_only the UNet's conditioning is also mixed: about K/(K+1) of the conditioned rows
+    get one of their image's prior draws, the rest their own embedding, and dropped rows stay zero."""
+    base = _with_prior_and_layout(shapes_dir, clip_dir, tmp_path)
+    task = DecoderTask(cfg("model.prior_samples=2", "model.cond_drop=0.25"))
+    data = open_image_text(shapes_dir, image_size=32)
+    model = task.build(data, open_model_dir(base))
+    seen = {}
+    forward = type(model).forward
+
+    def spy(self, x, t, z, *args, **kwargs):
+        seen["z"] = z.detach().clone()
+        return forward(self, x, t, z, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    batch = task.collate([data[i] for i in range(len(data))] * 4)
+    loss, _ = task.loss(model, batch)
+    assert torch.isfinite(loss)
+    table, _ = task._prior_table
+    with torch.no_grad():
+        own = task.clip.encode_image(batch["pixel_values"]).float()
+    z, idx, drop = seen["z"], batch["index"], batch["drop"]
+    assert not z[drop].any()
+    is_own = torch.isclose(z, own, atol=1e-5).all(-1)
+    is_draw = torch.stack([torch.isclose(z, table[idx, k], atol=1e-5).all(-1) for k in range(2)]).any(0)
+    assert (is_own | is_draw)[~drop].all()
+    frac = is_draw[~drop].float().mean().item()
+    assert 0.45 < frac < 0.85, frac
