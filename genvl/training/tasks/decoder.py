@@ -66,10 +66,28 @@ def _variants(dataset, index: int) -> tuple[str, ...]:
 
 def _prior_settings(recommended: dict) -> dict[str, Any]:
     """Prior sampling settings for ``prior_samples``: the model directory's recommended ones
-    (``genvl.json`` ``sampling``), else those of ``genvl sample``; one candidate per embedding."""
-    scheduler = recommended.get("prior_scheduler") or recommended.get("scheduler") or "ddim"
-    return {"steps": int(recommended.get("prior_steps", 25)), "guidance": float(recommended.get("prior_guidance", 4.0)),
-            "scheduler": str(scheduler)}
+    (``genvl.json`` ``sampling``), else :func:`~genvl.sampling.unclip.sample_prior`'s defaults;
+    one candidate per embedding."""
+    import inspect
+
+    from genvl.sampling.unclip import sample_prior
+
+    default = {name: p.default for name, p in inspect.signature(sample_prior).parameters.items()}
+    scheduler = recommended.get("prior_scheduler") or recommended.get("scheduler") or default["scheduler"]
+    return {"steps": int(recommended.get("prior_steps", default["steps"])),
+            "guidance": float(recommended.get("prior_guidance", default["guidance"])), "scheduler": str(scheduler)}
+
+
+class _Counter(logging.Filter):
+    """Swallows and counts a logger's records (warnings about prompts cut to the text tower)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.count += 1
+        return False
 
 
 #: Per-timestep loss weightings, as a weight on the x0 error (see :func:`diffusion_loss`).
@@ -219,7 +237,7 @@ class DecoderTask(Task):
         self.coarse_only = False  # model.coarse_only: only the coarse layout path trains
         self.prior_samples = 0  # model.prior_samples: prior-drawn embeddings per image
         self._prior = None  # (prior, its sampling settings) of --init, for prior_samples
-        # (N, K, D) prior-drawn embeddings by dataset index and (N,) which rows have them (coarse_only)
+        # (N, K, D) prior-drawn embeddings by dataset index and (N,) which rows have them
         self._prior_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.coarse_fit: dict[str, Any] | None = None
 
@@ -360,8 +378,8 @@ class DecoderTask(Task):
         n_exact, n_prior = len(z), 0
         if self._prior_table is not None:  # add (prior-drawn embedding, its image's target) pairs
             table, has = self._prior_table
-            rows = torch.tensor(idx)[has[idx]]
             keep = has[idx]
+            rows = torch.tensor(idx)[keep]
             K = table.shape[1]
             z = torch.cat([z, table[rows].reshape(-1, table.shape[-1])])
             y = torch.cat([y, y[keep].repeat_interleave(K, dim=0)])
@@ -398,7 +416,7 @@ class DecoderTask(Task):
         """
         from tqdm.auto import tqdm
 
-        from genvl.sampling.unclip import _text_limit, sample_prior
+        from genvl.sampling.unclip import sample_prior
 
         prior, opts = self._prior
         K, N, D = self.prior_samples, len(dataset), self.clip.config.embed_dim
@@ -418,19 +436,17 @@ class DecoderTask(Task):
         gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
         zs = []
         bar = tqdm(total=len(pairs), desc="prior samples", disable=not self.show_progress, leave=False)
-        text_log = logging.getLogger("genvl.tokenizers.text")  # captions cut to the text tower: counted once below
-        level = text_log.level
-        text_log.setLevel(logging.ERROR)
+        text_log = logging.getLogger("genvl.tokenizers.text")  # captions cut to the text tower: counted, told once
+        cut = _Counter()
+        text_log.addFilter(cut)
         try:
             for i in range(0, len(pairs), batch):
                 texts = [t for _, t in pairs[i:i + batch]]
                 zs.append(sample_prior(prior, self.clip, self.tokenizer, texts, generator=gen, **opts).float().cpu())
                 bar.update(len(texts))
         finally:
-            text_log.setLevel(level)
+            text_log.removeFilter(cut)
             bar.close()
-        limit = _text_limit(self.tokenizer, self.clip.config.max_text_len, prior.config.text_len)
-        cut = len({t for _, t in pairs if len(self.tokenizer(t, verbose=False)["input_ids"]) > limit})
         prior.cpu()
         z = torch.cat(zs).view(-1, K, D)  # pairs are image-major, K per image
         rows = torch.tensor([j for j, _ in pairs[::K]])
@@ -438,7 +454,7 @@ class DecoderTask(Task):
         if self.is_main:
             print(f"genvl: {len(pairs)} embeddings drawn by the prior "
                   f"({opts['steps']} steps, guidance {opts['guidance']}, {opts['scheduler']}) for {len(rows)} images"
-                  + (f"; {cut} caption(s) longer than {limit} tokens were cut there" if cut else ""))
+                  + (f"; {cut.count} of them from captions cut to the text tower's length" if cut.count else ""))
         return table, has
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
