@@ -60,10 +60,12 @@ class Task:
 
     # whether ``--data`` may be a tokenized set (genvl data tokenize) instead of images
     accepts_tokenized = False
-    # set by the trainer before build: resuming from a checkpoint, progress bars on, main process
+    # set by the trainer before build: resuming from a checkpoint, progress bars on, main process,
+    # the stage's folder in the run (recipe, log, checkpoints; where a task may keep work it can reuse)
     resuming = False
     show_progress = False
     is_main = True
+    run_dir: Path | None = None
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -343,6 +345,7 @@ def train(
     task.resuming = ckpt is not None  # build may skip work the checkpoint's weights replace
     task.show_progress = progress and main
     task.is_main = main
+    task.run_dir = run_dir
     model = task.build(dataset, init_dir, tokenizer=resume_tok)
     if cfg.lora_rank > 0:
         _check_lora(task, init_dir, out_dir)

@@ -1,6 +1,7 @@
 """The decoder and super-resolution stages: frozen CLIP from --init, model directories, sample grids,
 and a tiny decoder that really reconstructs images from their CLIP embeddings."""
 
+import functools
 import json
 
 import pytest
@@ -277,6 +278,10 @@ def test_prior_samples_fit_the_layout_path_on_the_priors_draws(shapes_dir, tmp_p
     n = len(open_image_text(shapes_dir))
     assert task.coarse_fit["images"] == n and task.coarse_fit["prior_samples"] == 2 * n
     assert plain.coarse_fit["prior_samples"] == 0
+    from genvl.training.tasks.decoder import PRIOR_SAMPLES_FILE
+
+    assert (tmp_path / "mixed" / "train" / "decoder" / PRIOR_SAMPLES_FILE).is_file()  # kept for a resume
+    assert not (tmp_path / "plain" / "train" / "decoder" / PRIOR_SAMPLES_FILE).exists()
 
     table, has = task._prior_table
     assert has.all() and table.shape[:2] == (n, 2)
@@ -369,3 +374,43 @@ def test_prior_samples_condition_the_full_decoder_loss(shapes_dir, clip_dir, tmp
     assert (is_own | is_draw)[~drop].all()
     frac = is_draw[~drop].float().mean().item()
     assert 0.45 < frac < 0.85, frac
+
+
+def test_prior_samples_are_kept_in_the_run_folder_and_read_back(shapes_dir, clip_dir, tmp_path, monkeypatch):
+    """The draws are written to the stage's run folder; a second build there with the same prior, settings
+    and captions reads them (the prior is not run again), and another seed draws anew."""
+    import genvl.sampling.unclip as unclip
+    from genvl.training.tasks.decoder import PRIOR_SAMPLES_FILE
+
+    base = open_model_dir(_with_prior_and_layout(shapes_dir, clip_dir, tmp_path))
+    data = open_image_text(shapes_dir, image_size=32)
+    run = tmp_path / "run" / "train" / "decoder"
+
+    def build(*extra):
+        task = DecoderTask(cfg("model.prior_samples=2", *extra))
+        task.run_dir = run
+        task.build(data, base)
+        return task
+
+    first = build()
+    assert (run / PRIOR_SAMPLES_FILE).is_file()
+    drawn = []
+    real = unclip.sample_prior
+
+    @functools.wraps(real)  # the task reads the prior's default settings from its signature
+    def counting(*args, **kwargs):
+        drawn.append(len(args[3]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unclip, "sample_prior", counting)
+    again = build()
+    assert drawn == []  # read back, not drawn
+    for a, b in zip(first._prior_table, again._prior_table):
+        assert torch.equal(a, b)
+    other = build("seed=1")  # another seed: other captions and noise, so drawn again and the file replaced
+    assert sum(drawn) == 2 * len(data)
+    assert not torch.equal(other._prior_table[0], first._prior_table[0])
+    (run / PRIOR_SAMPLES_FILE).write_bytes(b"not a safetensors file")  # a damaged file is drawn over
+    drawn.clear()
+    build("seed=1")
+    assert sum(drawn) == 2 * len(data)

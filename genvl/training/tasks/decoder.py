@@ -178,6 +178,55 @@ def _save_grid(rows: list[torch.Tensor], path: Path) -> Path:
     return path
 
 
+#: Where the decoder stage keeps the prior's draws (model.prior_samples) in its run folder, so that a
+#: resumed or repeated run with the same prior, settings and captions reads them instead of drawing again.
+PRIOR_SAMPLES_FILE = "prior_samples.safetensors"
+
+
+def _prior_samples_key(prior, opts: dict, K: int, N: int, D: int, seed: int, pairs: list) -> str:
+    """A digest of everything the prior's draws depend on: its weights, the sampling settings, K, the
+    seed and the (image index, caption) pairs drawn from."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for name, t in sorted(prior.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps({"opts": opts, "K": K, "N": N, "D": D, "seed": seed}, sort_keys=True, default=str).encode())
+    h.update(json.dumps(pairs).encode())
+    return h.hexdigest()
+
+
+def _read_prior_samples(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The draws kept at ``path`` when they were made under ``key``; None when absent, stale or unreadable."""
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            return f.get_tensor("embeddings").float(), f.get_tensor("drawn").bool()
+    except (OSError, SafetensorError, KeyError):  # a partial or foreign file: draw again
+        return None
+
+
+def _write_prior_samples(path: Path, key: str, table: torch.Tensor, has: torch.Tensor) -> None:
+    """Keep the draws at ``path`` (written whole, then renamed into place)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"embeddings": table.contiguous(), "drawn": has.to(torch.uint8)}, str(tmp), metadata={"key": key})
+    os.replace(tmp, path)
+
+
 class DecoderTask(Task):
     """Diffusion decoder: predict the noise of a noised training image given its CLIP embedding.
 
@@ -409,7 +458,9 @@ class DecoderTask(Task):
         """``prior_samples`` K embeddings per image drawn by the prior of ``--init`` from the
         image's captions (K distinct caption variants where it has as many, else repeats), with
         the sampling settings recommended for that model: what the layout path sees at text-to-image
-        time, which lies off the image embeddings it is otherwise fitted on.
+        time, which lies off the image embeddings it is otherwise fitted on. The draws are kept in
+        the run folder (:data:`PRIOR_SAMPLES_FILE`) and read back by a resumed or repeated run whose
+        prior weights, settings, seed and captions are the same.
 
         Returns ((N, K, D) embeddings by dataset index, (N,) bool: the rows drawn: those with a
         non-empty caption).
@@ -431,6 +482,13 @@ class DecoderTask(Task):
         table, has = torch.zeros(N, K, D), torch.zeros(N, dtype=torch.bool)
         if not pairs:
             return table, has
+        key = _prior_samples_key(prior, opts, K, N, D, self.cfg.seed, pairs)
+        path = self.run_dir / PRIOR_SAMPLES_FILE if self.run_dir is not None else None
+        cached = _read_prior_samples(path, key) if path is not None else None
+        if cached is not None:
+            if self.is_main:
+                print(f"genvl: {len(pairs)} prior-drawn embeddings read from {path} (same prior, settings and captions)")
+            return cached
         device = self.clip.device
         prior.to(device)
         gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
@@ -455,6 +513,8 @@ class DecoderTask(Task):
             print(f"genvl: {len(pairs)} embeddings drawn by the prior "
                   f"({opts['steps']} steps, guidance {opts['guidance']}, {opts['scheduler']}) for {len(rows)} images"
                   + (f"; {cut.count} of them from captions cut to the text tower's length" if cut.count else ""))
+            if path is not None:
+                _write_prior_samples(path, key, table, has)
         return table, has
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
