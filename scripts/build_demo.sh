@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the built-in demo model (genvl/assets/demo) from scratch with genvl's own commands.
-# About 4 hours on a 2-core CPU (CLIP ~9 min, prior ~14 + ~49, decoder ~65 + ~70 + ~2, token LM ~30, interleaved ~10, judge ~3);
+# About 5 hours on a 2-core CPU (CLIP ~9 min, prior ~14 + ~49, decoder ~65 + ~70 + ~2 + ~28 + ~14, token LM ~30, interleaved ~10, judge ~3);
 # a GPU makes it minutes. Run from the repository root:
 #   bash scripts/build_demo.sh [RUN_DIR]
 # Directories: RUN (clip, prior, first decoder), RUN2 (the text-to-image model that ships),
@@ -25,6 +25,9 @@ genvl train prior   --data data/emoji --init "$T2I" --out "$T2I" --config config
 genvl train decoder --data data/emoji-base --init "$T2I" --out "$T2I" --config configs/demo-decoder-layout.yaml
 # then the whole decoder trained 2,500 steps more on the image embeddings and the prior's samples
 genvl train decoder --data data/emoji-base --init "$T2I" --out "$T2I" --config configs/demo-decoder-prior.yaml
+# and last its layout path was replaced by a 4-layout mixture (one sharp layout per style instead of their
+# blur; only the path trains, the UNet is untouched; ~14 min)
+genvl train decoder --data data/emoji-base --init "$T2I" --out "$T2I" --config configs/demo-decoder-mixture.yaml
 # recommended sampling settings (measured with the sweep in the model card): decoder guidance 1.5, prior 2;
 # coarse start 0.7 (CLIP score / prompt retrieval on the evaluation prompts: 47.0 / 39% from pure noise, 54.0 / 64% at 0.7)
 python - "$T2I" <<'PY'
@@ -32,7 +35,7 @@ import json, sys
 p = f"{sys.argv[1]}/genvl.json"
 m = json.load(open(p))
 m["sampling"] = {"steps": 50, "prior_steps": 25, "guidance": 1.5, "prior_guidance": 2.0, "scheduler": "ddim",
-                 "prior_candidates": 8, "coarse_start": 0.7}
+                 "prior_candidates": 8, "coarse_start": 0.6}
 json.dump(m, open(p, "w"), indent=2)
 PY
 # autoregressive (Parti style): VQ-VAE + token LM sharing the CLIP's text tokenizer, on pre-encoded codes;

@@ -21,6 +21,15 @@ diffusion loss and an auxiliary regression onto the average-pooled clean sample
 its embedding. :meth:`Decoder.add_coarse` grows a trained decoder without the path into one with it
 that computes exactly the same function (zero weights on the new input channels).
 
+A regression onto one target averages the images an embedding leaves open: the prior's draws for
+a prompt that names no style lie between the Noto and the Twemoji version of an emoji, and one
+regressed layout is a washed-out blend of both (measured on the demo: the pizza's layout is an
+orange blur). With ``coarse_heads = K > 1`` the path is a mixture: it proposes K layouts and scores
+them, is fitted winner-takes-all (the closest layout takes the regression, the scores learn which
+one that was; multiple-choice learning, Guzman-Rivera et al. 2012, and its relaxed form, Rupprecht
+et al. 2017, arXiv:1612.00197), and :meth:`Decoder.coarse_image` hands on the best-scored layout,
+so each head can keep one sharp mode (:func:`coarse_loss`).
+
 Both UNets return epsilon, as the samplers and the training losses expect, but inside them the
 diffusers UNet predicts ``v = sqrt(a) eps - sqrt(1 - a) x0`` (``parameterization="v"``; Salimans &
 Ho 2022, arXiv:2202.00512), converted with ``eps = sqrt(1 - a) x_t + sqrt(a) v`` (``a`` =
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +163,9 @@ class DecoderConfig:
     # concatenated to the UNet input; 0 = off. coarse_hidden = the MLP's width (two hidden layers).
     coarse_size: int = 0
     coarse_hidden: int = 1024
+    # Layouts the coarse path proposes per embedding; > 1: a mixture fitted winner-takes-all whose
+    # best-scored layout is used (coarse_loss). 1 = one plain regression.
+    coarse_heads: int = 1
 
     @property
     def latent_size(self) -> int:
@@ -228,12 +241,65 @@ def decoder_config(size: str = "tiny", **overrides) -> DecoderConfig:
 
 
 def _coarse_mlp(cfg: DecoderConfig) -> nn.Sequential:
-    """The coarse layout path: z_image (B, D) -> (B, C * coarse_size**2), two hidden SiLU layers."""
-    H = cfg.coarse_hidden
+    """The coarse layout path: z_image (B, D) -> (B, K * C * coarse_size**2 [+ K scores when K > 1]),
+    two hidden SiLU layers (K = ``coarse_heads``)."""
+    H, K = cfg.coarse_hidden, cfg.coarse_heads
     return nn.Sequential(
         nn.Linear(cfg.embed_dim, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU(),
-        nn.Linear(H, cfg.sample_channels * cfg.coarse_size**2),
+        nn.Linear(H, K * cfg.sample_channels * cfg.coarse_size**2 + (K if K > 1 else 0)),
     )
+
+
+class CoarseLayouts(NamedTuple):
+    """What the coarse layout path proposes for a batch of embeddings.
+
+    Attributes:
+        layouts: (B, K, C, s, s) the K proposed layouts (K = ``coarse_heads``).
+        scores: (B, K) logits of which layout fits, or None when K = 1.
+    """
+
+    layouts: torch.Tensor
+    scores: torch.Tensor | None
+
+    def picked(self) -> torch.Tensor:
+        """(B, C, s, s): the best-scored layout (the only one when K = 1)."""
+        if self.scores is None:
+            return self.layouts[:, 0]
+        return self.layouts[torch.arange(len(self.layouts), device=self.layouts.device), self.scores.argmax(1)]
+
+
+# Relaxed winner-takes-all: the non-winning layouts keep this share of the regression, so no head
+# is starved (Rupprecht et al. 2017); weight of the scores' cross-entropy beside the regression.
+WTA_EPSILON = 0.05
+SCORE_WEIGHT = 0.1
+
+
+def coarse_loss(pred: CoarseLayouts, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training loss of the coarse layout path.
+
+    K = 1: the MSE onto ``target``. K > 1: each row's closest layout takes weight
+    ``1 - WTA_EPSILON`` of its MSE, the others share ``WTA_EPSILON``, and the scores learn by
+    cross-entropy which layout was closest (weight ``SCORE_WEIGHT``).
+
+    Args:
+        pred: the path's output for B embeddings.
+        target: (B, C, s, s) the clean samples average-pooled to ``coarse_size``.
+
+    Returns:
+        (the loss, the MSE of the picked layout: what the UNet and the sampler get; detached).
+    """
+    layouts, scores = pred.layouts.float(), pred.scores
+    err = (layouts - target.float()[:, None]).pow(2).flatten(2).mean(-1)  # (B, K)
+    picked = pred.picked().float()
+    mse = F.mse_loss(picked, target.float()).detach()
+    if scores is None:
+        return err[:, 0].mean(), mse
+    K = err.shape[1]
+    best = err.detach().argmin(1)  # (B,)
+    weight = torch.full_like(err, WTA_EPSILON / (K - 1))
+    weight[torch.arange(len(best), device=best.device), best] = 1.0 - WTA_EPSILON
+    loss = (weight * err).sum(1).mean() + SCORE_WEIGHT * F.cross_entropy(scores.float(), best)
+    return loss, mse
 
 
 def _check_coarse(cfg: DecoderConfig) -> None:
@@ -243,6 +309,8 @@ def _check_coarse(cfg: DecoderConfig) -> None:
         )
     if cfg.coarse_size and cfg.coarse_hidden < 1:
         raise ValueError(f"decoder config: coarse_hidden must be >= 1, got {cfg.coarse_hidden}")
+    if cfg.coarse_heads < 1:
+        raise ValueError(f"decoder config: coarse_heads must be >= 1, got {cfg.coarse_heads}")
 
 
 @register_component
@@ -323,18 +391,30 @@ class Decoder(ConfigModule):
     def coarse_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, D) CLIP image embeddings -> (B, C, coarse_size, coarse_size): the coarse layout path's
         prediction of the clean sample average-pooled to ``coarse_size`` (needs ``coarse_size > 0``)."""
+        return self.coarse_layouts(image_embeds).picked()
+
+    def coarse_layouts(self, image_embeds: torch.Tensor) -> CoarseLayouts:
+        """(B, D) CLIP image embeddings -> the coarse layout path's K proposed layouts and their
+        scores (:class:`CoarseLayouts`; needs ``coarse_size > 0``)."""
         c = self.config
         if self.coarse is None:
             raise ValueError("this decoder has no coarse layout path (coarse_size 0)")
         z = image_embeds.to(self.dtype) * math.sqrt(c.embed_dim)  # unit RMS coordinates, as in forward
-        return self.coarse(z).view(-1, c.sample_channels, c.coarse_size, c.coarse_size)
+        return self._coarse_from(z)
 
-    def add_coarse(self, size: int, hidden: int = 1024) -> "Decoder":
+    def _coarse_from(self, z: torch.Tensor) -> CoarseLayouts:
+        c, K = self.config, self.config.coarse_heads
+        out = self.coarse(z)  # (B, K * C * s * s [+ K])
+        n = K * c.sample_channels * c.coarse_size**2
+        layouts = out[:, :n].reshape(-1, K, c.sample_channels, c.coarse_size, c.coarse_size)
+        return CoarseLayouts(layouts, out[:, n:] if K > 1 else None)
+
+    def add_coarse(self, size: int, hidden: int = 1024, heads: int = 1) -> "Decoder":
         """A copy of this decoder with a new coarse layout path of side ``size``, computing the same
         function as this one: the UNet's new input channels start with zero weights."""
         if self.coarse is not None:
             raise ValueError(f"this decoder already has a coarse layout path (coarse_size {self.config.coarse_size})")
-        cfg = replace(self.config, coarse_size=int(size), coarse_hidden=int(hidden))
+        cfg = replace(self.config, coarse_size=int(size), coarse_hidden=int(hidden), coarse_heads=int(heads))
         _check_coarse(cfg)
         grown = Decoder(cfg).to(device=self.device, dtype=self.dtype)
         state = self.state_dict()
@@ -344,8 +424,9 @@ class Decoder(ConfigModule):
         grown.load_state_dict(state)
         return grown.train(self.training)
 
-    def reset_coarse(self) -> "Decoder":
-        """Replace the coarse layout path's MLP by a new, untrained one (in place; returns self).
+    def reset_coarse(self, heads: int | None = None) -> "Decoder":
+        """Replace the coarse layout path's MLP by a new, untrained one (in place; returns self),
+        with ``heads`` proposed layouts (default: as many as now; see ``coarse_heads``).
 
         The UNet keeps all its weights, including those of its coarse input channels, so a decoder
         whose UNet never read those channels (one grown by :meth:`add_coarse` whose UNet was not
@@ -353,6 +434,10 @@ class Decoder(ConfigModule):
         """
         if self.coarse is None:
             raise ValueError("this decoder has no coarse layout path (coarse_size 0)")
+        if heads is not None:
+            cfg = replace(self.config, coarse_heads=int(heads))
+            _check_coarse(cfg)
+            self.config = cfg
         self.coarse = _coarse_mlp(self.config).to(device=self.device, dtype=self.dtype).train(self.training)
         return self
 
@@ -406,19 +491,20 @@ class Decoder(ConfigModule):
             text_mask: (B, L) 1 on real tokens (all zeros = unconditional); default all ones.
             raw: return what the UNet itself predicts (``config.parameterization``: v or epsilon),
                 for a training loss on that target.
-            return_coarse: also return the coarse layout path's output (B, C, coarse_size,
-                coarse_size), for its auxiliary loss (one forward, so DDP sees each weight once).
-            coarse_only: return only the coarse layout path's output, without running the UNet
-                (training that path alone; ``noisy`` and ``timesteps`` are not used).
+            return_coarse: also return the coarse layout path's output (:class:`CoarseLayouts`),
+                for its auxiliary loss (:func:`coarse_loss`; one forward, so DDP sees each weight once).
+            coarse_only: return only the coarse layout path's output (:class:`CoarseLayouts`),
+                without running the UNet (training that path alone; ``noisy`` and ``timesteps``
+                are not used).
 
         Returns:
             (B, 3, H, W) the predicted epsilon (``raw``: v or epsilon); with ``return_coarse`` a
-            tuple (that, coarse image).
+            tuple (that, coarse layouts).
         """
         if coarse_only:
             if self.coarse is None:
                 raise ValueError("coarse_only: this decoder has no coarse layout path (coarse_size 0)")
-            return self.coarse_image(image_embeds)  # (B, C, coarse_size, coarse_size)
+            return self.coarse_layouts(image_embeds)
         c = self.config
         B = noisy.shape[0]
         if tuple(noisy.shape) != (B, *self.sample_shape):
@@ -452,8 +538,8 @@ class Decoder(ConfigModule):
         sample = noisy.to(dtype)
         coarse = None
         if self.coarse is not None:
-            coarse = self.coarse(z).view(B, c.sample_channels, c.coarse_size, c.coarse_size)
-            up = F.interpolate(coarse, size=sample.shape[-2:], mode="bilinear", align_corners=False)
+            coarse = self._coarse_from(z)
+            up = F.interpolate(coarse.picked(), size=sample.shape[-2:], mode="bilinear", align_corners=False)
             sample = torch.cat([sample, up], dim=1)  # (B, 2C, s, s)
         elif return_coarse:
             raise ValueError("this decoder has no coarse layout path (coarse_size 0)")

@@ -829,11 +829,15 @@ def text_to_image(
 
 # ----------------------------------------------------------------------------------- variations
 def _pil_to_pixels(image, size: int | None = None) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) in [-1, 1], resized to ``size`` when given."""
+    """PIL image -> (1, 3, H, W) in [-1, 1], resized to ``size`` when given; transparency is
+    composited on white, as the training data loader does (a plain RGB conversion keeps whatever
+    colour the transparent pixels hold)."""
     import numpy as np
     from PIL import Image
 
-    im = image.convert("RGB")
+    from genvl.data.images import _to_rgb
+
+    im = _to_rgb(image)
     if size is not None and im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BICUBIC)
     arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float()  # (3, H, W) in [0, 255]

@@ -15,6 +15,7 @@ from genvl.models.decoder import (
     DecoderConfig,
     SuperRes,
     SuperResConfig,
+    coarse_loss,
     decoder_config,
     superres_config,
 )
@@ -185,7 +186,8 @@ def test_coarse_layout_path_conditions_and_grows_without_changing_the_function()
         assert torch.allclose(base(x, t, z), grown(x, t, z), atol=1e-6)  # zero weights on the new channels
         grown.unet.conv_in.weight[:, 3:].normal_()
         out, coarse = grown(x, t, z, return_coarse=True)
-        assert coarse.shape == (2, 3, 8, 8) and torch.equal(coarse, grown.coarse_image(z))
+        assert coarse.layouts.shape == (2, 1, 3, 8, 8) and coarse.scores is None
+        assert torch.equal(coarse.picked(), grown.coarse_image(z))
         assert not torch.allclose(out, grown(x, t, z.flip(0)), atol=1e-5)
     with pytest.raises(ValueError, match="already has"):
         grown.add_coarse(8)
@@ -193,3 +195,57 @@ def test_coarse_layout_path_conditions_and_grows_without_changing_the_function()
         decoder_config("tiny", coarse_size=64)
     with pytest.raises(ValueError, match="no coarse"):
         base(x, t, z, return_coarse=True)
+
+
+def test_mixture_layout_path_hands_on_its_best_scored_layout(tmp_path):
+    x, t, z, _, _ = _batch()
+    dec = _decoder(seed=2, coarse_size=4, coarse_hidden=16, coarse_heads=3)
+    with torch.no_grad():
+        pred = dec.coarse_layouts(z)
+        assert pred.layouts.shape == (2, 3, 3, 4, 4) and pred.scores.shape == (2, 3)
+        best = pred.scores.argmax(1)
+        assert torch.equal(dec.coarse_image(z), pred.layouts[torch.arange(2), best])
+        out, coarse = dec(x, t, z, return_coarse=True)
+        assert torch.equal(coarse.picked(), dec.coarse_image(z))
+        # the UNet reads the picked layout: forcing another head's score changes the output
+        dec.coarse[-1].bias[-3:] += torch.tensor([0.0, 0.0, 1e4]) if best[0] != 2 else torch.tensor([1e4, 0.0, 0.0])
+        assert not torch.allclose(out, dec(x, t, z), atol=1e-5)
+    dec.save_pretrained(tmp_path / "dec")
+    again = Decoder.from_pretrained(tmp_path / "dec").eval()
+    assert again.config.coarse_heads == 3
+    with torch.no_grad():
+        assert torch.equal(again.coarse_image(z), dec.coarse_image(z))
+    dec.reset_coarse(heads=1)
+    assert dec.config.coarse_heads == 1 and dec.coarse_layouts(z).scores is None
+    with pytest.raises(ValueError, match="coarse_heads"):
+        decoder_config("tiny", coarse_size=4, coarse_heads=0)
+
+
+def test_mixture_layout_path_keeps_both_modes_where_a_regression_blurs_them():
+    """One embedding, two equally likely targets (the same emoji in two styles): a plain regression
+    learns their mean; two heads fitted winner-takes-all learn one target each, and the picked layout
+    is one of them, far from the blur."""
+    torch.manual_seed(0)
+    a, b = torch.ones(3, 4, 4) * 0.8, -torch.ones(3, 4, 4) * 0.8
+    a[:, :2] = -0.8  # a different layout, not only a different colour
+    z = F.normalize(torch.randn(1, D), dim=-1).expand(64, D)
+    target = torch.stack([a, b]).repeat(32, 1, 1, 1)  # (64, 3, 4, 4), half a, half b
+    picked = {}
+    for heads in (1, 2):
+        dec = _decoder(seed=3, coarse_size=4, coarse_hidden=32, coarse_heads=heads).train()
+        opt = torch.optim.Adam(dec.coarse.parameters(), lr=3e-3)
+        for _ in range(300):
+            loss, mse = coarse_loss(dec.coarse_layouts(z), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            picked[heads] = dec.coarse_image(z[:1])[0]
+            if heads == 2:
+                layouts = dec.coarse_layouts(z[:1]).layouts[0]  # (2, 3, 4, 4)
+                to_a, to_b = (layouts - a).pow(2).mean((1, 2, 3)), (layouts - b).pow(2).mean((1, 2, 3))
+                assert min(to_a[0] + to_b[1], to_a[1] + to_b[0]) < 0.02  # one head per mode
+    mean = (a + b) / 2
+    assert (picked[1] - mean).pow(2).mean() < 0.01  # the regression blurs
+    nearest = min((picked[2] - a).pow(2).mean(), (picked[2] - b).pow(2).mean())
+    assert nearest < 0.01 and (picked[2] - mean).pow(2).mean() > 0.2

@@ -779,3 +779,25 @@ def test_real_decoder_with_a_coarse_path_starts_from_its_layout():
     x = sample_decoder(dec, z, steps=4, guidance=2.0, generator=_gen(0), coarse_start=0.5)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
     assert torch.equal(x, sample_decoder(dec, z, steps=4, guidance=2.0, generator=_gen(0), coarse_start=0.5))
+
+
+def test_transparent_pil_images_are_composited_on_white_as_in_training():
+    """A PIL image with an alpha channel reads as the data loader reads it: transparent pixels become
+    white whatever colour they store (emoji PNGs store black or junk there)."""
+    from genvl.data import load_rgb
+    from genvl.sampling.unclip import _as_pixels
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 30, 40)  # colour stored everywhere ...
+    rgba[2:6, 2:6, 3] = 255  # ... but only a red square is opaque
+    im = Image.fromarray(rgba, "RGBA")
+    px = _as_pixels(im)
+    assert px.shape == (1, 3, 8, 8)
+    assert torch.allclose(px[0, :, 0, 0], torch.ones(3))  # transparent corner: white
+    assert torch.allclose(px[0, :, 3, 3], torch.tensor([200, 30, 40]) / 127.5 - 1)  # opaque: its colour
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    loaded = np.asarray(load_rgb(buf.getvalue()), dtype=np.float32) / 127.5 - 1
+    assert torch.allclose(px[0], torch.from_numpy(loaded).permute(2, 0, 1))

@@ -414,3 +414,34 @@ def test_prior_samples_are_kept_in_the_run_folder_and_read_back(shapes_dir, clip
     drawn.clear()
     build("seed=1")
     assert sum(drawn) == 2 * len(data)
+
+
+def test_coarse_refit_with_heads_fits_a_mixture_layout_path(shapes_dir, clip_dir, tmp_path):
+    """model.coarse_heads with model.coarse_refit replaces the layout path by a K-layout mixture,
+    fitted and trained alone (coarse_only); the UNet is untouched and the picked layout's error falls."""
+    first = tmp_path / "first"
+    train(DecoderTask(cfg("max_steps=1", "model.coarse_size=4", "model.coarse_hidden=32", "model.coarse_fit_steps=0")),
+          shapes_dir, first, init=clip_dir, progress=False)
+    task = DecoderTask(cfg("max_steps=20", "lr=3e-3", "warmup_steps=0", "ema_decay=0", "model.coarse_refit=true",
+                           "model.coarse_heads=3", "model.coarse_fit_steps=400", "model.coarse_only=true",
+                           "model.cond_drop=0"))
+    res = train(task, shapes_dir, tmp_path / "mix", init=first, progress=False)
+    assert task.coarse_fit["mse"] < task.coarse_fit["mean_image_mse"]
+    assert all("coarse_mse" in r for r in res.history)
+    before = open_model_dir(first).load("decoder")
+    after = open_model_dir(tmp_path / "mix").load("decoder")
+    assert after.config.coarse_heads == 3 and before.config.coarse_heads == 1
+    old, new = before.state_dict(), after.state_dict()
+    assert all(torch.equal(new[k], v) for k, v in old.items() if not k.startswith("coarse.")), "UNet changed"
+    assert new["coarse.4.weight"].shape[0] == 3 * 3 * 4 * 4 + 3  # 3 layouts + their scores
+    # the unconditional input (zero embedding) is given the mean image as its layout
+    data = open_image_text(shapes_dir, image_size=after.config.image_size)
+    mean = torch.nn.functional.adaptive_avg_pool2d(
+        torch.stack([data[i]["pixel_values"] for i in range(len(data))]), 4).mean(0)
+    with torch.no_grad():
+        uncond = after.coarse_image(torch.zeros(1, after.config.embed_dim))[0]
+    assert (uncond - mean).pow(2).mean() < 0.25 * task.coarse_fit["mean_image_mse"]
+    with pytest.raises(ConfigError, match="coarse_heads is 2 .* has 3"):
+        DecoderTask(cfg("model.coarse_heads=2")).build(None, open_model_dir(tmp_path / "mix"))
+    with pytest.raises(ConfigError, match="coarse_heads must be >= 1"):
+        DecoderTask(cfg("model.coarse_refit=true", "model.coarse_heads=0")).build(None, open_model_dir(first))

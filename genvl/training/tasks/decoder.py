@@ -35,7 +35,15 @@ import torch.nn.functional as F
 
 from genvl.config import to_dict
 from genvl.errors import ConfigError, ModelDirError
-from genvl.models.decoder import SUPERRES_SIZES, Decoder, SuperRes, decoder_config, superres_config
+from genvl.models.decoder import (
+    SUPERRES_SIZES,
+    CoarseLayouts,
+    Decoder,
+    SuperRes,
+    coarse_loss,
+    decoder_config,
+    superres_config,
+)
 from genvl.tokenizers.text import encode_texts
 from genvl.training.cache import EncodingCache
 from genvl.training.trainer import Task
@@ -55,6 +63,11 @@ def cond_dropped(probability: float, seed: int, epoch: int, index: int) -> bool:
     if probability >= 1.0:
         return True
     return random.Random(f"decoder-cond:{seed}:{epoch}:{index}").random() < probability
+
+
+def _rows(pred: CoarseLayouts, keep: torch.Tensor) -> CoarseLayouts:
+    """The rows ``keep`` of the coarse layout path's output."""
+    return CoarseLayouts(pred.layouts[keep], None if pred.scores is None else pred.scores[keep])
 
 
 def _variants(dataset, index: int) -> tuple[str, ...]:
@@ -244,7 +257,10 @@ class DecoderTask(Task):
 
     Coarse layout path (:class:`~genvl.models.decoder.Decoder`, ``coarse_size``): ``coarse_size`` (0 =
     off; a decoder from ``--init`` without one is grown with :meth:`~genvl.models.decoder.Decoder.add_coarse`),
-    ``coarse_hidden`` (default 1024), ``coarse_weight`` (default 1: weight of its auxiliary MSE onto the
+    ``coarse_hidden`` (default 1024), ``coarse_heads`` (default 1; K > 1: the path proposes K
+layouts and passes on the best-scored one, fitted winner-takes-all, so a prompt that leaves two
+styles open gets one of them rather than their blur; changing it on a decoder from ``--init``
+needs ``coarse_refit``), ``coarse_weight`` (default 1: weight of its auxiliary MSE onto the
     clean sample average-pooled to ``coarse_size``, on the conditioned samples) and ``coarse_fit_steps``
     (default 2000: a new path is first fitted alone by that regression, on the CLIP embeddings of up to
     8,192 training images at batch 256, before the diffusion training starts; 0 = not) and
@@ -346,6 +362,7 @@ class DecoderTask(Task):
                     f"{'latent' if dc.vae else 'pixel'} space (model.fresh: true builds a new one)"
                 )
             size_wanted = int(overrides.get("coarse_size", dc.coarse_size))
+            heads_wanted = int(overrides.get("coarse_heads", dc.coarse_heads if dc.coarse_size else 1))
             if size_wanted != dc.coarse_size:
                 if dc.coarse_size:
                     raise ConfigError(
@@ -353,15 +370,23 @@ class DecoderTask(Task):
                         f"of size {dc.coarse_size} (model.fresh: true builds a new decoder)"
                     )
                 try:
-                    model = model.add_coarse(size_wanted, int(overrides.get("coarse_hidden", dc.coarse_hidden)))
+                    model = model.add_coarse(size_wanted, int(overrides.get("coarse_hidden", dc.coarse_hidden)), heads_wanted)
                 except ValueError as e:
                     raise ConfigError(f"bad decoder model config: {e}") from None
                 new_coarse = True
             elif refit:
                 if not dc.coarse_size:
                     raise ConfigError(f"model.coarse_refit: the decoder in {init.path} has no coarse layout path (set model.coarse_size)")
-                model.reset_coarse()
+                try:
+                    model.reset_coarse(heads=heads_wanted)
+                except ValueError as e:
+                    raise ConfigError(f"bad decoder model config: {e}") from None
                 new_coarse = True
+            elif dc.coarse_size and heads_wanted != dc.coarse_heads:
+                raise ConfigError(
+                    f"model.coarse_heads is {heads_wanted} but the coarse layout path of the decoder in {init.path} "
+                    f"has {dc.coarse_heads} (model.coarse_refit: true replaces it by a new one)"
+                )
         else:
             W = W_clip if text_flag else 0
             for key, value in (("image_size", S), ("embed_dim", D), ("text_width", W)):
@@ -433,17 +458,25 @@ class DecoderTask(Task):
             z = torch.cat([z, table[rows].reshape(-1, table.shape[-1])])
             y = torch.cat([y, y[keep].repeat_interleave(K, dim=0)])
             n_prior = len(rows) * K
+        # The unconditional input (zero embedding, the guidance's other branch) gets the mean image
+        # as its layout, what a regression over all images gives it; fitted explicitly, as a mixture
+        # would otherwise hand it one arbitrary head, never trained (1% of the rows, at least 8).
+        n_real = len(z)
+        n_zero = max(8, n_real // 100)
+        z = torch.cat([z, z.new_zeros(n_zero, z.shape[1])])
+        y = torch.cat([y, y.mean(0, keepdim=True).expand(n_zero, *y.shape[1:])])
         opt = torch.optim.AdamW(decoder.coarse.parameters(), lr=1e-3, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
         gen = torch.Generator().manual_seed(self.cfg.seed)
         for _ in tqdm(range(steps), desc="coarse layout: fitting", disable=not self.show_progress, leave=False):
             rows = torch.randint(0, len(z), (min(batch, len(z)),), generator=gen)
-            loss = F.mse_loss(decoder.coarse_image(z[rows]).float(), y[rows])
+            loss, _ = coarse_loss(decoder.coarse_layouts(z[rows]), y[rows])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         with torch.no_grad():
+            z, y = z[:n_real], y[:n_real]
             mse = sum(F.mse_loss(decoder.coarse_image(z[i:i + batch]).float(), y[i:i + batch], reduction="sum").item()
                       for i in range(0, len(z), batch)) / y.numel()
             base = F.mse_loss(y.mean(0, keepdim=True).expand_as(y), y).item()
@@ -580,10 +613,12 @@ class DecoderTask(Task):
                 mask = mask * (~batch["text_drop"]).to(mask.dtype)[:, None]  # (B, L)
         if self.coarse_only:  # the layout path alone: its regression on the conditioned samples
             keep = ~batch["drop"]
-            coarse = model(x0, None, z, states, mask, coarse_only=True)  # (B, C, c, c)
+            coarse = model(x0, None, z, states, mask, coarse_only=True)  # CoarseLayouts (B, K, C, c, c)
             target = F.adaptive_avg_pool2d(x0, decoder.config.coarse_size)
-            loss = F.mse_loss(coarse[keep].float(), target[keep]) if keep.any() else coarse.sum() * 0.0
-            return loss, {"coarse_mse": loss.item()}
+            if not keep.any():
+                return coarse.layouts.sum() * 0.0, {}
+            loss, mse = coarse_loss(_rows(coarse, keep), target[keep])
+            return loss, {"coarse_mse": mse.item()}
         noise = torch.randn_like(x0)  # (B, C, s, s)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), device=px.device)
         x_t = self.scheduler.add_noise(x0, noise, t)
@@ -598,8 +633,8 @@ class DecoderTask(Task):
             keep = ~batch["drop"]  # the unconditional samples' coarse image is free (a learned mean)
             target = F.adaptive_avg_pool2d(x0, decoder.config.coarse_size)
             if keep.any():
-                aux = F.mse_loss(coarse[keep].float(), target[keep])
-                logs["coarse_mse"] = aux.item()
+                aux, mse = coarse_loss(_rows(coarse, keep), target[keep])
+                logs["coarse_mse"] = mse.item()
                 if self.coarse_weight:
                     loss = loss + self.coarse_weight * aux
         return loss, logs
