@@ -1,6 +1,7 @@
 """Contrastive losses against loop references, and a two-process (gloo) check of the gathering."""
 
 import math
+import os
 from datetime import timedelta
 
 import pytest
@@ -267,6 +268,7 @@ def _two_process_worker(rank, world, tmpdir):
     Rendezvous through a file in tmpdir rather than a TCP port, so concurrent runs cannot clash.
     """
     torch.set_num_threads(1)
+    done = False
     dist.init_process_group(
         "gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
@@ -290,8 +292,13 @@ def _two_process_worker(rank, world, tmpdir):
         # Without this barrier about 1 run in 5 aborted ("terminate called without an active
         # exception") when one process tore gloo down while the other was still finishing.
         dist.barrier()
+        done = True
     finally:
-        dist.destroy_process_group()
+        if not done:  # an error: tear down and let it reach the parent
+            dist.destroy_process_group()
+    # Even after the barrier a run in a full suite now and then aborted the same way while gloo's
+    # threads were torn down at exit; the results are on disk, so leave without that teardown.
+    os._exit(0)
 
 
 def test_two_process_gather_matches_global_batch(tmp_path):
