@@ -29,7 +29,8 @@ genvl train decoder --data data/emoji-base --init "$T2I" --out "$T2I" --config c
 # blur; only the path trains, the UNet is untouched; ~14 min)
 genvl train decoder --data data/emoji-base --init "$T2I" --out "$T2I" --config configs/demo-decoder-mixture.yaml
 # recommended sampling settings (measured with the sweep in the model card): decoder guidance 1.5, prior 2;
-# coarse start 0.7 (CLIP score / prompt retrieval on the evaluation prompts: 47.0 / 39% from pure noise, 54.0 / 64% at 0.7)
+# coarse start 0.6 (CLIP score / prompt retrieval on the evaluation prompts, README table: 57.6 / 69% at 0.7,
+# 59.0 / 72% at 0.6, 59.1 / 73% at 0.5 with a slightly worse FD)
 python - "$T2I" <<'PY'
 import json, sys
 p = f"{sys.argv[1]}/genvl.json"
@@ -56,4 +57,4 @@ genvl evaluate generation     --model "$T2I" --prompts configs/demo-prompts.txt 
     --data data/emoji --num-images 4 --seed 0 --json "$RUN-generation.json"
 python scripts/package_demo.py "$T2I" genvl/assets/demo --extra "$RUN-ar2" \
     --extra "$RUN-interleaved" --half --generation "$RUN-generation.json" \
-    --summary "For prompts that name emoji (\"a red heart\", \"a cat face\", \"a star\", \"a snowman\") it draws recognisable emoji: red hearts, yellow cat faces with ears, faces, stars. Its decoder starts from the coarse 16x16 layout that its layout path regresses from the image embedding (sampling setting coarse_start 0.7), so shapes such as the rocket's diagonal come from the embedding. Pizza still comes out as a cluttered orange patch. The decoder's third part trained only that layout path; the UNet's weights are those of the second part."
+    --summary "For prompts that name emoji (\"a red heart\", \"a cat face\", \"a dog face\", \"a red apple\", \"a star\", \"a snowman\", \"a rocket\", \"a slice of pizza\") it draws recognisable emoji. Its decoder starts from a coarse 16x16 layout that its layout path proposes from the image embedding (sampling setting coarse_start 0.6). That path proposes 4 layouts and hands on the best-scored one, so a prompt that names no style gets a Twemoji-like or a Noto-like layout rather than a blur of both. Pizza comes out as pizza slices, with crust and pepperoni, some cluttered with stray colours; bananas as yellow curved shapes. Naming the Twemoji style (\"a slice of pizza, twitter twemoji style\") gives clean slices more often: the Noto pizza is the one the decoder has not learned. The decoder trained in 5 parts; the last one trained only the layout path, so the UNet's weights are those of the fourth part."
