@@ -20,8 +20,11 @@ A base is named by absolute path, or as ``builtin:demo/NAME`` for the model ship
 ``genvl/assets/demo`` (so finetunes of the demo survive reinstalling genvl elsewhere).
 
 Weights are safetensors only; component classes come from a fixed registry, never from an
-import path found in a file. Training state for ``--resume`` lives apart, in
-``checkpoints/step-N/`` (see :mod:`genvl.training.trainer`).
+import path found in a file. Every write is atomic (a temporary file or folder renamed into place)
+and durable: files and their folder are flushed to disk (``fsync``) before the rename, and the
+parent folder after it, so a power cut leaves the old version or the new one, not a torn one
+(``GENVL_FSYNC=0`` turns the flushing off; see docs/reliability.md). Training state for ``--resume``
+lives apart, in ``checkpoints/step-N/`` (see :mod:`genvl.training.trainer`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,13 +178,82 @@ def write_ref(folder: str | Path, base_folder: str | Path) -> None:
     (folder / REF_NAME).write_text(json.dumps({"base": ref}, indent=2) + "\n")
 
 
+FSYNC_ENV = "GENVL_FSYNC"  # "0": skip the fsync calls (atomic against a killed process only)
+
+
+def fsync_enabled() -> bool:
+    return os.environ.get(FSYNC_ENV, "1").strip() not in ("0", "false", "no", "off")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk."""
+    if not fsync_enabled():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where folders cannot be opened: nothing to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's data and size to disk."""
+    if not fsync_enabled():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file under ``root``, then every folder, deepest first (before renaming it into place)."""
+    if not fsync_enabled():
+        return
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                fsync_file(p)
+        fsync_dir(dirpath)
+
+
+def write_file_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file, flushed to disk, renamed into place; then the
+    folder is flushed so that the rename itself survives a power cut."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per thread too
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if fsync_enabled():
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written ``tmp`` folder to ``final``, replacing any old one."""
+    """Move a fully written ``tmp`` folder to ``final``, replacing any old one.
+
+    The folder's files are flushed to disk before the rename and the parent folder after it, so
+    that after a power cut ``final`` is the old folder or the new one, each complete.
+    """
+    fsync_tree(tmp)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -243,9 +316,7 @@ def read_meta(path: str | Path) -> dict:
 def write_meta(path: str | Path, meta: dict) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{META_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path / META_NAME)
+    write_file_atomic(path / META_NAME, json.dumps(meta, indent=2, sort_keys=False) + "\n")
 
 
 @dataclass
@@ -340,7 +411,10 @@ def save_model_dir(
         refs: name -> (class path, base component folder): write reference folders.
     """
     path = Path(path)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
+    if created:
+        fsync_dir(path.parent)  # the new directory's own name
     meta = read_meta(path) if (path / META_NAME).is_file() else {
         "format": FORMAT, "genvl_version": __version__, "components": {}, "tokenizer": TOKENIZER_DIR,
         "training": {}, "metrics": {},
@@ -425,6 +499,4 @@ def write_model_card(path: str | Path, meta: dict) -> None:
         if "interleaved" in meta["components"]:
             use.insert(1, f'genvl sample --method interleaved "a red heart" --model {path} --seed 0')
         lines += ["## Use", "", "```", *use, "```", ""]
-    tmp = path / f".README.md.tmp-{os.getpid()}"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path / "README.md")
+    write_file_atomic(path / "README.md", "\n".join(lines))

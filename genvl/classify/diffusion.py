@@ -27,6 +27,7 @@ from torch import nn
 
 from genvl.classify.montecarlo import Schedule, adaptive_scores, check_schedule, schedule_evals, shared_pairs
 from genvl.errors import GenvlError
+from genvl.limits import MAX_BATCH_SIZE, MAX_SAMPLES, check_count, check_memory, unet_bytes
 
 
 @dataclass
@@ -132,10 +133,8 @@ class DiffusionClassifier:
     def __init__(self, decoder: nn.Module, conditioner: Callable[[list[str]], ClassConditions], samples: int = 32,
                  schedule: Schedule | None = None, weighting: str | Callable = "uniform",
                  t_range: tuple[int, int] | None = None, batch_size: int = 64, seed: int = 0, device=None):
-        if samples < 1:
-            raise GenvlError(f"diffusion scoring needs samples >= 1, got {samples}")
-        if batch_size < 1:
-            raise GenvlError(f"batch_size must be >= 1, got {batch_size}")
+        check_count("samples", samples, MAX_SAMPLES, what="samples per class")
+        check_count("batch_size", batch_size, MAX_BATCH_SIZE, what="rows per forward")
         self.decoder = decoder.eval()
         self.conditioner = conditioner
         self.schedule = check_schedule(schedule) if schedule else None
@@ -153,9 +152,23 @@ class DiffusionClassifier:
         # (3, S, S) pixels or (C, s, s) latents; encode: pixels -> clean samples (identity for pixels)
         self.sample_shape = tuple(getattr(decoder, "sample_shape", (3, S, S)))
         self._encode = getattr(decoder, "encode", None) or (lambda px: px)
+        self._check_memory()
         self.last_evals: torch.Tensor | None = None  # (N,) rows spent per image by the last call
         self._cond: ClassConditions | None = None
         self._cond_key: tuple[str, ...] | None = None
+
+    def _check_memory(self) -> None:
+        """Refuse settings whose shared noise (K samples) and decoder batch are estimated not to fit."""
+        K = sum(n for n, _ in self.schedule) if self.schedule else self.samples
+        cfg = self.decoder.config
+        numel = 1
+        for d in self.sample_shape:
+            numel *= int(d)
+        need = 4 * K * numel + unet_bytes(list(getattr(cfg, "block_out_channels", [64])), int(self.sample_shape[-1]),
+                                          int(getattr(cfg, "layers_per_block", 2)),
+                                          int(getattr(cfg, "attention_head_dim", 64)), self.batch_size)
+        check_memory(need, f"diffusion scoring with {K} samples per class and batches of {self.batch_size}",
+                     "use fewer --samples or a smaller --batch-size", self.device)
 
     def stages(self, num_classes: int) -> Schedule:
         return self.schedule or [(self.samples, num_classes)]

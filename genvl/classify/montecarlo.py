@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from genvl.errors import GenvlError
+from genvl.limits import MAX_SAMPLES
 
 Schedule = list[tuple[int, int]]
 
@@ -49,6 +50,9 @@ def check_schedule(schedule: Schedule) -> Schedule:
         if prev_keep is not None and k > prev_keep:
             raise GenvlError(f"adaptive schedule: keep must not grow from stage to stage, got {schedule}")
         prev_keep = k
+    total = sum(n for n, _ in schedule)
+    if total > MAX_SAMPLES:
+        raise GenvlError(f"adaptive schedule: {total} samples per class in all, above genvl's limit of {MAX_SAMPLES}")
     return [(int(n), int(k)) for n, k in schedule]
 
 

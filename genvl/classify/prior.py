@@ -19,6 +19,7 @@ import torch
 
 from genvl.classify.montecarlo import Schedule, adaptive_scores, check_schedule, schedule_evals, shared_pairs
 from genvl.errors import GenvlError
+from genvl.limits import MAX_SAMPLES, check_count
 
 PRIOR_WEIGHTINGS = ("x0", "eps", "min-snr")
 
@@ -43,8 +44,7 @@ class PriorClassifier:
                  weighting: str = "x0", batch_size: int = 1024, seed: int = 0):
         if weighting not in PRIOR_WEIGHTINGS:
             raise GenvlError(f"unknown prior weighting {weighting!r}; choose {', '.join(PRIOR_WEIGHTINGS)}")
-        if samples < 1:
-            raise GenvlError(f"prior scoring needs samples >= 1, got {samples}")
+        check_count("samples", samples, MAX_SAMPLES, what="samples per class")
         self.prior, self.clip, self.tokenizer = prior.eval(), clip.eval(), tokenizer
         self.samples, self.weighting, self.batch_size, self.seed = samples, weighting, batch_size, seed
         self.schedule = check_schedule(schedule) if schedule else None

@@ -8,11 +8,16 @@ Three on-disk image-text formats are detected automatically (see :func:`open_ima
 
 Bad images never crash a run: they are found at construction (cheap ``verify()``, no decode) and
 listed in ``dataset.skipped``; one that only fails at full decode is recorded in
-``dataset.failed`` and replaced by the next good sample.
+``dataset.failed`` and replaced by the next good sample. Bad text is skipped the same way, with its
+reason: a metadata line that is not UTF-8, malformed or longer than
+:data:`~genvl.limits.MAX_LINE_BYTES`; a ``file_name`` that leads outside the dataset folder; a
+caption longer than :data:`~genvl.limits.MAX_CAPTION_CHARS` characters; a caption file that is not
+a regular file.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -20,9 +25,11 @@ import os
 import posixpath
 import random
 import re
+import stat
 import tarfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple, Union
 
 import torch
@@ -39,6 +46,7 @@ from genvl.data.images import (
     verify_image,
 )
 from genvl.errors import DataError
+from genvl.limits import MAX_CAPTION_CHARS, MAX_LINE_BYTES
 
 __all__ = [
     "ImageTextDataset",
@@ -216,38 +224,98 @@ def _detect(path: str) -> tuple[str, str, list[str]]:
     return "txt", path, []
 
 
+def _caption_problem(text: str) -> str | None:
+    """Why a caption cannot be used (too long), or None."""
+    if len(text) > MAX_CAPTION_CHARS:
+        return f"caption is {len(text):,} characters, longer than the limit of {MAX_CAPTION_CHARS:,}"
+    return None
+
+
+def _inside(root: str, file_name: str) -> str | None:
+    """``root/file_name`` normalised, or None when ``file_name`` is absolute or leads out of ``root``
+    with ``..`` (checked on the names: symbolic links inside the folder are followed)."""
+    if os.path.isabs(file_name) or "\0" in file_name:
+        return None
+    image = os.path.normpath(os.path.join(root, file_name))
+    base = os.path.normpath(root)
+    try:
+        if os.path.commonpath([os.path.abspath(base), os.path.abspath(image)]) != os.path.abspath(base):
+            return None
+    except ValueError:  # different drives (Windows)
+        return None
+    return image if image != base else None
+
+
 def _entry_for_file(root: str, file_name: Any, text: Any, where: str) -> tuple[_Entry | None, tuple[str, str] | None]:
     """Validate one metadata row; returns an entry or a (path, reason) skip."""
     if not isinstance(file_name, str) or not file_name.strip():
         return None, (where, "missing file_name")
-    image = os.path.normpath(os.path.join(root, file_name))
+    image = _inside(root, file_name)
+    if image is None:
+        return None, (where, f"file_name {file_name[:200]!r} is not a path inside the dataset folder")
     if text is None:
         return None, (image, "missing text")
     if isinstance(text, list):  # caption variants: one is drawn per epoch
         if not text or not all(isinstance(t, str) for t in text):
             return None, (image, "text is a list but not a non-empty list of strings")
-        return _Entry(image, image, tuple(t.strip() for t in text)), None
+        variants = tuple(t.strip() for t in text)
+        problem = next((p for p in map(_caption_problem, variants) if p), None)
+        if problem:
+            return None, (image, problem)
+        return _Entry(image, image, variants), None
     if not isinstance(text, str):
         return None, (image, f"text is not a string ({type(text).__name__})")
+    problem = _caption_problem(text.strip())
+    if problem:
+        return None, (image, problem)
     return _Entry(image, image, text.strip()), None
+
+
+def _read_lines(path: str, lossy: bool = False) -> Iterator[tuple[int, str | None, str]]:
+    """The lines of a text file, decoded one at a time: ``(number, text, "")``, or ``(number, None,
+    reason)`` for a line that is not UTF-8 or longer than :data:`~genvl.limits.MAX_LINE_BYTES` (read
+    past in pieces, never held whole). One bad byte costs its line, not the file. ``lossy``: bytes
+    that are not UTF-8 become surrogates (``\\udcff``) instead, for the caller to judge.
+
+    Raises:
+        DataError: the file cannot be opened or read.
+    """
+    try:
+        with open(path, "rb") as f:
+            lineno = 0
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    while raw and not raw.endswith(b"\n"):  # the rest of the line
+                        raw = f.readline(MAX_LINE_BYTES + 1)
+                    yield lineno, None, f"line longer than {MAX_LINE_BYTES:,} bytes"
+                    continue
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+                try:
+                    text = raw.decode("utf-8", "surrogateescape" if lossy else "strict")
+                except UnicodeDecodeError as e:
+                    yield lineno, None, f"line is not UTF-8 (byte {e.start + 1})"
+                    continue
+                yield lineno, text, ""
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _read_metadata_jsonl(root: str) -> tuple[list[_Entry], list[tuple[str, str]]]:
     meta = os.path.join(root, "metadata.jsonl")
     entries: list[_Entry] = []
     skipped: list[tuple[str, str]] = []
-    try:
-        with open(meta, encoding="utf-8-sig") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {meta}: {e}") from None
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line, problem in _read_lines(meta):
+        where = f"{meta}:{lineno}"
+        if line is None:
+            skipped.append((where, problem))
+            continue
         if not line.strip():
             continue
-        where = f"{meta}:{lineno}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             skipped.append((where, "malformed JSON line"))
             continue
         if not isinstance(row, dict):
@@ -261,33 +329,76 @@ def _read_metadata_jsonl(root: str) -> tuple[list[_Entry], list[tuple[str, str]]
     return entries, skipped
 
 
+def _has_undecodable(values) -> bool:
+    """Whether any string holds a byte that was not UTF-8 (decoded with ``surrogateescape``)."""
+    return any(isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v) for v in values)
+
+
+def _csv_lines(meta: str, skipped: list[tuple[str, str]]) -> Iterator[str]:
+    """The lines of ``meta`` for the csv module: bytes that are not UTF-8 kept as surrogates (the rows
+    holding them are skipped by the reader), lines longer than the limit replaced by an empty line."""
+    for lineno, line, problem in _read_lines(meta, lossy=True):
+        if line is None:
+            skipped.append((f"{meta}:{lineno}", problem))
+            yield "\n"
+            continue
+        yield line
+
+
 def _read_metadata_csv(root: str) -> tuple[list[_Entry], list[tuple[str, str]]]:
     meta = os.path.join(root, "metadata.csv")
     entries: list[_Entry] = []
     skipped: list[tuple[str, str]] = []
+    # spreadsheet programs like to start CSV files with a byte-order mark (dropped by _read_lines)
+    reader = csv.reader(_csv_lines(meta, skipped))
     try:
-        # utf-8-sig: spreadsheet programs like to start CSV files with a byte-order mark.
-        with open(meta, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            for col in ("file_name", "text"):
-                if col not in columns:
-                    raise DataError(f"{meta} has no '{col}' column (columns: {', '.join(columns) or 'none'})")
-            for row in reader:
-                where = f"{meta}:{reader.line_num}"
-                entry, skip = _entry_for_file(root, row.get("file_name"), row.get("text"), where)
-                if entry is not None:
-                    entries.append(entry)
-                else:
-                    skipped.append(skip)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        columns = next(reader, None) or []
+    except csv.Error as e:
         raise DataError(f"cannot read {meta}: {e}") from None
+    if _has_undecodable(columns):
+        raise DataError(f"cannot read {meta}: its header line is not UTF-8")
+    for col in ("file_name", "text"):
+        if col not in columns:
+            raise DataError(f"{meta} has no '{col}' column (columns: {', '.join(columns) or 'none'})")
+    i_file, i_text = columns.index("file_name"), columns.index("text")
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a field over the csv module's size limit, a NUL byte, ...: that row only
+            skipped.append((f"{meta}:{reader.line_num}", f"malformed CSV row ({e})"))
+            continue
+        where = f"{meta}:{reader.line_num}"
+        if not row or not any(v.strip() for v in row):
+            continue
+        if _has_undecodable(row):
+            skipped.append((where, "row is not UTF-8"))
+            continue
+        file_name = row[i_file] if i_file < len(row) else None
+        text = row[i_text] if i_text < len(row) else None
+        entry, skip = _entry_for_file(root, file_name, text, where)
+        if entry is not None:
+            entries.append(entry)
+        else:
+            skipped.append(skip)
     return entries, skipped
 
 
 def _read_caption_file(path: str) -> str:
-    with open(path, encoding="utf-8-sig") as f:
-        return f.read().strip()
+    """The stripped caption in ``path``; OSError or UnicodeDecodeError when unreadable, ValueError
+    (with the reason) for a file that is not a regular file or too long to be a caption."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("caption is not a regular file")
+    if st.st_size > MAX_LINE_BYTES:  # read no further than that
+        raise ValueError(f"caption file is {st.st_size:,} bytes, more than the limit of {MAX_LINE_BYTES:,}")
+    with open(path, "rb") as f:
+        text = f.read(MAX_LINE_BYTES + 1).decode("utf-8-sig").strip()
+    problem = _caption_problem(text)
+    if problem:
+        raise ValueError(problem)
+    return text
 
 
 def _scan_txt_folder(root: str) -> tuple[list[_Entry], list[tuple[str, str]]]:
@@ -320,6 +431,9 @@ def _scan_txt_folder(root: str) -> tuple[list[_Entry], list[tuple[str, str]]]:
             except OSError as e:
                 skipped.append((image, f"caption unreadable: {e.strerror or e}"))
                 continue
+            except ValueError as e:
+                skipped.append((image, str(e)))
+                continue
             entries.append(_Entry(image, image, caption))
     return entries, skipped
 
@@ -344,6 +458,19 @@ def _trailing_damage(shard: str, end: int) -> str | None:
     return None
 
 
+def _tar_caption(tf: tarfile.TarFile, member: tarfile.TarInfo) -> tuple[str | None, str | None]:
+    """(caption, None) of a ``.txt`` member, or (None, why it cannot be used); a member larger than
+    the limit is not read."""
+    if member.size > MAX_LINE_BYTES:
+        return None, f"caption is {member.size:,} bytes, more than the limit of {MAX_LINE_BYTES:,}"
+    try:
+        text = tf.extractfile(member).read().decode("utf-8-sig").strip()  # type: ignore[union-attr]
+    except UnicodeDecodeError:
+        return None, "caption is not UTF-8"
+    problem = _caption_problem(text)
+    return (None, problem) if problem else (text, None)
+
+
 def _index_shard(shard_index: int, shard: str) -> tuple[list[_Entry], list[tuple[str, str]]]:
     """Index one webdataset shard: image member offsets and the captions, grouped by key.
 
@@ -351,7 +478,8 @@ def _index_shard(shard_index: int, shard: str) -> tuple[list[_Entry], list[tuple
     Captions are small and read now; image bytes are read later by offset.
     """
     images: dict[str, tuple[str, _TarMember]] = {}
-    captions: dict[str, str | None] = {}
+    captions: dict[str, str | None] = {}  # None: unusable, see bad_caption
+    bad_caption: dict[str, str] = {}
     order: dict[str, None] = {}  # keys in first-seen order (a dict as an ordered set)
     skipped: list[tuple[str, str]] = []
     end = 0  # where the data of the last member read ends, padded to the 512-byte block
@@ -366,11 +494,9 @@ def _index_shard(shard_index: int, shard: str) -> tuple[list[_Entry], list[tuple
                 if ext == ".txt":
                     if key in captions:
                         continue
-                    try:
-                        data = tf.extractfile(member).read()  # type: ignore[union-attr]
-                        captions[key] = data.decode("utf-8-sig").strip()
-                    except UnicodeDecodeError:
-                        captions[key] = None
+                    captions[key], problem = _tar_caption(tf, member)
+                    if problem:
+                        bad_caption[key] = problem
                 elif ext in IMAGE_EXTENSIONS and key not in images:
                     images[key] = (member.name, _TarMember(shard_index, member.offset_data, member.size))
                 else:
@@ -392,7 +518,7 @@ def _index_shard(shard_index: int, shard: str) -> tuple[list[_Entry], list[tuple
         if key not in captions:
             skipped.append((name, "no caption"))
         elif captions[key] is None:
-            skipped.append((name, "caption is not UTF-8"))
+            skipped.append((name, bad_caption[key]))
         else:
             entries.append(_Entry(name, where, captions[key]))  # type: ignore[arg-type]
     return entries, skipped
@@ -709,9 +835,9 @@ def _parse_segment(seg: Any, folder: str) -> dict[str, str] | str:
     if has_text:
         if not isinstance(seg["text"], str):
             return "'text' is not a string"
-        return {"text": seg["text"]}
+        return _caption_problem(seg["text"]) or {"text": seg["text"]}
     image = seg["image"]
-    if not isinstance(image, str) or not image.strip():
+    if not isinstance(image, str) or not image.strip() or "\0" in image:
         return "'image' is not a path"
     return {"image": os.path.normpath(os.path.join(folder, image))}
 
@@ -737,24 +863,23 @@ def parse_interleaved(
         raise DataError(f"dataset not found: {path}")
     if os.path.isdir(path):
         raise DataError(f"expected a .jsonl file of interleaved documents, got a folder: {path}")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    if not any(line.strip() for line in lines):
-        raise DataError(f"no documents in {path}: the file is empty")
     folder = os.path.dirname(os.path.abspath(path))
     docs: list[list[dict[str, str]]] = []
     line_numbers: list[int] = []
     skipped: list[tuple[str, str]] = []
-    for lineno, line in enumerate(lines, 1):
+    nonempty = False
+    for lineno, line, problem in _read_lines(path):
+        where = f"{path}:{lineno}"
+        if line is None:
+            nonempty = True
+            skipped.append((where, problem))
+            continue
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
+        nonempty = True
         try:
             raw = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             skipped.append((where, "malformed JSON line"))
             continue
         if not isinstance(raw, list) or not raw:
@@ -767,6 +892,8 @@ def parse_interleaved(
             continue
         docs.append(segments)  # type: ignore[arg-type]
         line_numbers.append(lineno)
+    if not nonempty:
+        raise DataError(f"no documents in {path}: the file is empty")
     return docs, line_numbers, skipped
 
 

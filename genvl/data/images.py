@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +70,13 @@ def _open_source(src: ImageSource) -> BinaryIO:
         return io.BytesIO(src)
     path = os.fspath(src)
     try:
+        if "\0" in path:
+            raise BadImageError("not a path (holds a NUL byte)")
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise BadImageError("is a directory")
+        if not stat.S_ISREG(mode):  # a FIFO would block open() forever, a device never end
+            raise BadImageError("not a regular file")
         fp = open(path, "rb")  # noqa: SIM115 - closed by the caller
     except FileNotFoundError:
         raise BadImageError("file not found") from None

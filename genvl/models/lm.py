@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from genvl.limits import MAX_CAPTION_CHARS
 from genvl.models.base import ConfigModule, register_component
 
 
@@ -228,7 +229,9 @@ def encode_captions(tokenizer, texts: list[str], max_tokens: int) -> list[list[i
     """Captions -> text ids without the tokenizer's own specials, truncated to ``max_tokens``."""
     if not texts:
         return []
-    out = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+    # cut first: the kept tokens lie far inside the caption limit (bounds the time a pasted megabyte takes)
+    cut = [t[:MAX_CAPTION_CHARS] for t in texts]
+    out = tokenizer(cut, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
     return [list(ids[:max_tokens]) if t.strip() else [] for ids, t in zip(out, texts)]
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from genvl.errors import GenvlError
+from genvl.limits import MAX_IMAGES, check_memory
 from genvl.models.lm import TokenLayout, decode_caption, encode_captions
 from genvl.sampling.unclip import (
     Progress,
@@ -107,6 +108,16 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise GenvlError(f"top-k must be an integer >= 0 (0 = off), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise GenvlError(f"top-p must be in (0, 1] (1 = off), got {top_p!r}")
+
+
+def _check_lm_memory(lm: nn.Module, rows: int, what: str) -> None:
+    """Refuse ``rows`` sequences whose key / value cache and activations are estimated not to fit."""
+    c = lm.config
+    head_dim = c.hidden_size // c.num_heads
+    per_row = 2 * c.num_layers * c.max_len * head_dim * (c.num_kv_heads or c.num_heads)  # keys and values
+    per_row += 8 * c.max_len * c.hidden_size + c.num_heads * c.max_len * c.max_len  # activations, attention scores
+    need = rows * per_row * torch.finfo(next(lm.parameters()).dtype).bits // 8
+    check_memory(need, what, "ask for fewer images at once (--num-images)", lm.device)
 
 
 def check_parts(lm: nn.Module, vq: nn.Module | None, tokenizer, layout: TokenLayout | None) -> TokenLayout:
@@ -532,10 +543,12 @@ def text_to_image(
         ARImageOutput(images (B, 3, S, S), codes (B, h, w), prompts, seed, settings).
     """
     prompts = _check_prompts(prompts)
-    _check_count("num_images", num_images)
+    _check_count("num_images", num_images, MAX_IMAGES, "images per prompt")
     check_sampling(temperature, top_k, top_p)
     _check_guidance("guidance", guidance)
     layout = check_parts(lm, vq, tokenizer, layout)
+    _check_lm_memory(lm, len(prompts) * num_images * (2 if guidance != 1.0 else 1),
+                     f"generating {len(prompts) * num_images} image(s) with the token LM")
     warn_truncated(tokenizer, prompts, lm.config.text_len, add_special_tokens=False)
     text = encode_captions(tokenizer, prompts, lm.config.text_len)
     for p, t in zip(prompts, text):

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from genvl.errors import GenvlError
+from genvl.limits import MAX_DOC_IMAGES, MAX_NEW_TOKENS, check_count
 from genvl.models.interleaved import InterleavedLayout
 from genvl.sampling.autoregressive import (
     _device_generator,
@@ -60,6 +61,7 @@ from genvl.sampling.unclip import (
     _steps,
     sample_decoder,
 )
+from genvl.tokenizers.text import clip_text
 
 DEFAULT_IMAGE_GUIDANCE = 2.0  # classifier-free guidance of the regressed embeddings, when the model names none
 
@@ -343,9 +345,10 @@ def generate_document(
     Returns:
         DocumentOutput with the prompt's and the generated segments.
     """
-    _check_count("max_new_tokens", max_new_tokens)
+    _check_count("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS, "tokens")
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 0:
         raise GenvlError(f"max_images must be an integer >= 0, got {max_images!r}")
+    check_count("max_images", max_images, MAX_DOC_IMAGES, lo=0, what="images per document")
     if force_image and max_images < 1:
         raise GenvlError("force_image needs max_images >= 1")
     check_sampling(temperature, top_k, top_p)
@@ -367,7 +370,8 @@ def generate_document(
     S = clip.config.image_size
     for seg in segments:
         if "text" in seg:
-            ids = tok(seg["text"], add_special_tokens=False, verbose=False)["input_ids"] if seg["text"].strip() else []
+            text = clip_text(seg["text"])  # the prompt must fit the context anyway (checked below)
+            ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"] if text.strip() else []
             if ids:
                 elements.append(list(ids))
             out_segments.append({"text": seg["text"], "generated": False})

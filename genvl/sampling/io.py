@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,66 @@ def reserve_path(directory: Path, stem: str, suffix: str = ".png") -> Path:
     raise RuntimeError(f"no free file name for {stem} in {directory}")
 
 
+def output_path(path: str | Path, overwrite: bool = False) -> Path:
+    """The file to write for an output the user named (``--out a.png``): ``path`` itself when no file
+    has that name, else the first free ``stem-N.suffix`` beside it, reserved like :func:`reserve_path`
+    (so two runs naming the same file both keep theirs). ``overwrite``: ``path`` as it is, replaced."""
+    path = Path(path)
+    if overwrite:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+    return reserve_path(path.parent, path.stem, path.suffix)
+
+
+def temp_beside(path: str | Path) -> Path:
+    """A new, empty temporary file in ``path``'s folder (hidden, unique per process *and* thread), to
+    be renamed onto ``path`` once complete."""
+    path = Path(path)
+    while True:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:  # the umask applies (mkstemp's files would be private)
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
 def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> Path:
     """Write ``image`` with its metadata, via a temporary file renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=png_info(metadata))
-    os.replace(tmp, path)
+    tmp = temp_beside(path)
+    try:
+        image.save(tmp, format="PNG", pnginfo=png_info(metadata))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_new_file(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` whole (a temporary file, then a link or rename), never replacing a
+    file already there unless ``overwrite``.
+
+    Raises:
+        FileExistsError: ``path`` exists (checked atomically: a file another process wrote meanwhile
+            is kept).
+    """
+    path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        tmp.write_bytes(data)
+        if overwrite:
+            os.replace(tmp, path)
+            return path
+        try:
+            os.link(tmp, path)  # fails if path exists: an atomic "rename unless taken"
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: create exclusively, then write
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -27,6 +27,7 @@ with shared decoder noise), :func:`mix` (weighted blend of prompts and images in
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from genvl.errors import GenvlError
+from genvl.limits import (
+    MAX_FRAMES,
+    MAX_IMAGES,
+    MAX_PRIOR_CANDIDATES,
+    MAX_SAMPLES,
+    check_count,
+    check_memory,
+    unet_bytes,
+)
 from genvl.models.clip import TextEmbeddings
 from genvl.models.prior import unconditional_text
 from genvl.tokenizers.text import check_text, encode_texts, warn_truncated
@@ -179,9 +189,27 @@ def decoder_steps(steps: int, coarse_start: float = 1.0) -> int:
     return steps if coarse_start >= 1.0 else max(1, round(steps * coarse_start))
 
 
-def _check_count(name: str, n: int) -> None:
+def _check_count(name: str, n: int, hi: int | None = None, what: str = "") -> None:
+    """A positive integer, at most ``hi`` (a limit of :mod:`genvl.limits`) when given."""
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise GenvlError(f"{name} must be a positive integer, got {n!r}")
+    if hi is not None:
+        check_count(name, n, hi, what=what)
+
+
+def _check_unet_memory(model: nn.Module, rows: int, what: str) -> None:
+    """Refuse a batch of ``rows`` UNet samples estimated not to fit (see :func:`genvl.limits.unet_bytes`)."""
+    cfg = model.config
+    channels = list(getattr(cfg, "block_out_channels", [64]))
+    size = int(getattr(cfg, "latent_size", cfg.image_size))
+    attention_levels = getattr(cfg, "attention_levels", None)  # super-res: only the lowest levels attend
+    first_attn = len(channels) - attention_levels if attention_levels is not None else 1
+    dtype_bytes = torch.finfo(_module_dtype(model)).bits // 8
+    need = unet_bytes(channels, size, int(getattr(cfg, "layers_per_block", 2)),
+                      int(getattr(cfg, "attention_head_dim", 64)), rows, dtype_bytes=dtype_bytes,
+                      first_attention_level=first_attn)
+    check_memory(need, what, "ask for fewer images at once (--num-images, --frames, a smaller batch)",
+                 _module_device(model))
 
 
 def _check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -436,14 +464,14 @@ def sample_prior(
         (P * n, D) unit vectors.
     """
     prompts = _check_prompts(prompts)
-    _check_count("num_images_per_prompt", num_images_per_prompt)
+    _check_count("num_images_per_prompt", num_images_per_prompt, MAX_SAMPLES, "embeddings per prompt")
     _check_steps("steps", steps)
     _check_guidance("guidance", guidance)
     _check_scheduler(scheduler)
     _check_prior_fits(prior, clip)
     limit = _text_limit(tokenizer, clip.config.max_text_len, prior.config.text_len)
     text = encode_prompts(clip, tokenizer, prompts, device=_module_device(prior), max_length=limit)
-    _check_count("candidates", candidates)
+    _check_count("candidates", candidates, MAX_PRIOR_CANDIDATES, "candidates per image")
     text = _repeat_text(text, num_images_per_prompt)
     z = _prior_loop(prior, text, steps, float(guidance), scheduler, generator, progress, candidates)
     return z if device is None else z.to(device)
@@ -541,6 +569,7 @@ def sample_decoder(
             f"got {tuple(text_states.shape)} and {tuple(text_mask.shape)}"
         )
     guided = guidance != 1.0
+    _check_unet_memory(decoder, 2 * B if guided else B, f"decoding {B} image(s) of {cfg.image_size} px")
 
     embeds = image_embeds.to(device, dtype)  # (B, D)
     states = text_states.to(device, dtype) if text_states is not None else None  # (B, L, W)
@@ -708,6 +737,7 @@ def sample_superres(
         )
     device, dtype = _module_device(sr), _module_dtype(sr)
     B, S = low_res.shape[0], cfg.image_size
+    _check_unet_memory(sr, B, f"super-resolving {B} image(s) to {S} px")
     low = low_res.to(device).float()
     levels = torch.full((B,), aug_level, dtype=torch.long, device=device)  # (B,)
     if aug_level > 0:
@@ -777,8 +807,8 @@ def text_to_image(
     """
     prompts = _check_prompts(prompts)
     prior_scheduler = prior_scheduler or scheduler
-    _check_count("num_images", num_images)
-    _check_count("prior_candidates", prior_candidates)
+    _check_count("num_images", num_images, MAX_IMAGES, "images per prompt")
+    _check_count("prior_candidates", prior_candidates, MAX_PRIOR_CANDIDATES, "candidates per image")
     _check_steps("steps", steps)
     _check_steps("prior_steps", prior_steps)
     _check_guidance("guidance", guidance)
@@ -908,7 +938,7 @@ def variations(
     Returns:
         UnclipOutput(images (B*n, 3, H, W), image_embeds (B*n, D), low_res, seed, settings).
     """
-    _check_count("num_images", num_images)
+    _check_count("num_images", num_images, MAX_IMAGES, "images")
     _check_steps("steps", steps)
     _check_guidance("guidance", guidance)
     _check_scheduler(scheduler)
@@ -1065,6 +1095,7 @@ def interpolate(
     """
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
         raise GenvlError(f"frames must be an integer >= 2, got {frames!r}")
+    check_count("frames", frames, MAX_FRAMES, lo=2, what="frames")
     _check_steps("steps", steps)
     _check_steps("prior_steps", prior_steps)
     _check_guidance("guidance", guidance)
@@ -1141,7 +1172,7 @@ def mix(
     for it in items:
         if not (isinstance(it, (tuple, list)) and len(it) == 2 and isinstance(it[1], (int, float)) and math.isfinite(it[1])):
             raise GenvlError(f"mix items are (prompt or image, weight) pairs with a finite weight, got {it!r:.80}")
-    _check_count("num_images", num_images)
+    _check_count("num_images", num_images, MAX_IMAGES, "images")
     _check_steps("steps", steps)
     _check_steps("prior_steps", prior_steps)
     _check_guidance("guidance", guidance)
@@ -1209,7 +1240,15 @@ def save_gif(frames, path: str | Path, duration_ms: int = 120, loop: int = 0) ->
         raise GenvlError(f"duration_ms must be a positive integer, got {duration_ms!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ims[0].save(path, format="GIF", save_all=True, append_images=ims[1:], duration=duration_ms, loop=loop, optimize=False)
+    from genvl.sampling.io import temp_beside
+
+    tmp = temp_beside(path)  # whole or not at all, like save_png
+    try:
+        ims[0].save(tmp, format="GIF", save_all=True, append_images=ims[1:], duration=duration_ms, loop=loop,
+                    optimize=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

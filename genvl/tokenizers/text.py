@@ -12,14 +12,36 @@ deliberately not id 2: transformers' CLIP text tower treats ``eos_token_id == 2`
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from genvl.errors import DataError, GenvlError, ModelDirError
+from genvl.limits import MAX_CAPTION_CHARS, MAX_WORD_CHARS
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 
 logger = logging.getLogger(__name__)
+
+_LONG_RUN = re.compile(r"\S{%d}(?=\S)" % MAX_WORD_CHARS)  # a run of non-space characters that goes on
+
+
+def clip_text(text: str) -> str:
+    """``text`` cut to :data:`~genvl.limits.MAX_CAPTION_CHARS` characters, before a tokenizer sees it.
+
+    The text tower keeps at most a few hundred tokens, which lie far inside the first 10,000
+    characters of any real text, so this does not change what is kept; it bounds the time and memory
+    tokenizing a pasted megabyte takes.
+    """
+    return text if len(text) <= MAX_CAPTION_CHARS else text[:MAX_CAPTION_CHARS]
+
+
+def _bounded_words(text: str) -> str:
+    """``text`` (cut to the caption limit) with a space after every ``MAX_WORD_CHARS`` characters of a
+    longer run of non-space characters: the BPE trainer's time grows with the square of a word's
+    length, so one 1 MB "aaaa..." caption kept ``train_text_tokenizer`` busy for many minutes. Words
+    of ordinary text are far shorter and unchanged."""
+    return _LONG_RUN.sub(lambda m: m.group(0) + " ", clip_text(text))
 
 
 def train_text_tokenizer(
@@ -29,6 +51,10 @@ def train_text_tokenizer(
     min_frequency: int = 1,
 ):
     """Train a lower-casing byte-level BPE on ``texts``.
+
+    Training time is linear in the size of ``texts``: each text is cut to
+    :data:`~genvl.limits.MAX_CAPTION_CHARS` characters and runs of more than
+    :data:`~genvl.limits.MAX_WORD_CHARS` non-space characters are learned from in pieces.
 
     Args:
         texts: the captions to learn merges from (empty strings are ignored).
@@ -42,7 +68,7 @@ def train_text_tokenizer(
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [t for t in texts if t and t.strip()]
+    texts = [_bounded_words(t) for t in texts if t and t.strip()]
     if not texts:
         raise DataError("cannot train a text tokenizer: no non-empty captions")
     if vocab_size < len(SPECIAL_TOKENS) + 256 + 1:
@@ -102,7 +128,8 @@ def encode_texts(tokenizer, texts: list[str], max_length: int | None = None) -> 
         max_length = tokenizer.model_max_length
         if max_length > 100_000:  # tokenizers saved without a limit report a huge sentinel
             max_length = 512
-    return tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    texts = [clip_text(t) for t in texts]
+    return tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
 
 
 def check_text(text: str, what: str = "prompt") -> str:
@@ -131,10 +158,11 @@ def warn_truncated(tokenizer, texts: Iterable[str], max_length: int, add_special
         How many texts are longer than ``max_length``.
     """
     texts = list(texts)
-    ids = tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+    ids = tokenizer([clip_text(t) for t in texts], add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
     long = [(t, len(row)) for t, row in zip(texts, ids) if len(row) > max_length]
     for text, n in long:
         shown = text if len(text) <= 60 else text[:57] + "..."
-        logger.warning("genvl: warning: prompt %r is %d tokens, longer than the text tower's %d; only the first %d "
-                       "are used", shown, n, max_length, max_length)
+        size = f"{n} tokens" if len(text) <= MAX_CAPTION_CHARS else f"{len(text)} characters"
+        logger.warning("genvl: warning: prompt %r is %s, longer than the text tower's %d; only the first %d "
+                       "are used", shown, size, max_length, max_length)
     return len(long)

@@ -29,11 +29,8 @@ from typing import Any, Union
 from PIL import Image
 
 from genvl.errors import GenvlError
+from genvl.limits import MAX_FRAMES, MAX_IMAGES, MAX_SEED, MAX_STEPS  # noqa: F401 - shared with the CLI
 
-MAX_STEPS = 1000  # diffusion steps: the schedulers' training timesteps
-MAX_IMAGES = 16  # images per run
-MAX_FRAMES = 64  # interpolation frames
-MAX_SEED = 2**31 - 1
 DISPLAY_PX = 192  # small images are shown enlarged (nearest neighbour) to at least this size
 
 # An interpolation endpoint: a prompt, or (file name, image).

@@ -124,9 +124,9 @@ def test_evaluate_zero_shot_all_methods(dirs, tmp_path, capsys):
     meta = json.loads((model / "genvl.json").read_text())
     assert {"zero-shot clip", "zero-shot diffusion", "zero-shot prior", "zero-shot ar"} <= set(meta["metrics"])
     assert "zero-shot ar" in (model / "README.md").read_text()
-    # --limit keeps classes balanced; one method
+    # --limit keeps classes balanced; one method (into the same file: results are replaced only with --overwrite)
     assert main(["evaluate", "zero-shot", "--model", str(model), "--data", str(dirs["data"]), "--method", "prior",
-                 "--limit", "2", "--json", str(out), "--no-record", *FAST]) == 0
+                 "--limit", "2", "--json", str(out), "--no-record", "--overwrite", *FAST]) == 0
     rep = json.loads(out.read_text())
     assert rep["n"] == 2 and list(rep["methods"]) == ["prior"]
     assert sorted(map(sum, rep["methods"]["prior"]["confusion"])) == [1, 1]
