@@ -14,6 +14,16 @@ from pathlib import Path
 
 from genvl import __version__
 from genvl.errors import GenvlError
+from genvl.limits import (
+    MAX_BATCH_SIZE,
+    MAX_DOC_IMAGES,
+    MAX_FRAMES,
+    MAX_IMAGES,
+    MAX_NEW_TOKENS,
+    MAX_PRIOR_CANDIDATES,
+    MAX_SAMPLES,
+    MAX_STEPS,
+)
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 
@@ -55,6 +65,25 @@ def _positive_int(text: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def _limited(hi: int, what: str, lo: int = 1):
+    """An argparse type: an integer in [lo, hi], ``hi`` a limit of :mod:`genvl.limits` (checked before
+    anything is allocated; the message names the limit)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected {'a positive integer' if lo == 1 else f'an integer >= {lo}'}, "
+                                             f"got {v}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"{v} is above genvl's limit of {hi} {what}; ask for at most {hi}")
+        return v
+
+    return parse
 
 
 def _seed(text: str) -> int:
@@ -132,13 +161,12 @@ def _fill_sample_defaults(args, model_defaults: dict) -> None:
 
 def _write_images(images, args, meta: dict, stem: str) -> list[Path]:
     """PNG files with their settings in text chunks: one per image, or one grid with --grid."""
-    from genvl.sampling.io import make_grid, reserve_path, save_png
+    from genvl.sampling.io import make_grid, output_path, reserve_path, save_png
 
     out = Path(args.out)
-    if out.suffix.lower() == ".png":
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".png":  # an existing file is kept: the image takes the next free name (printed)
         img = images[0] if len(images) == 1 else make_grid(images)
-        return [save_png(img, out, {**meta, "num_images": len(images)})]
+        return [save_png(img, output_path(out, args.overwrite), {**meta, "num_images": len(images)})]
     if args.grid and len(images) > 1:
         return [save_png(make_grid(images), reserve_path(out, f"{stem}-grid"), {**meta, "num_images": len(images)})]
     return [save_png(im, reserve_path(out, f"{stem}-{i}" if len(images) > 1 else stem), {**meta, "index": i})
@@ -221,13 +249,12 @@ def cmd_sample(args) -> int:
         meta.update(interpolate=list(args.interpolate), frames=args.frames, prior_steps=args.prior_steps,
                     prior_guidance=args.prior_guidance)
         frames = to_pil_images(out.images)
-        from genvl.sampling.io import make_grid, reserve_path, save_png
+        from genvl.sampling.io import make_grid, output_path, reserve_path, save_png
 
         target = Path(args.out)
         stem = f"interpolate-{slug(args.interpolate[0], 20)}-{slug(args.interpolate[1], 20)}"
         if target.suffix.lower() == ".gif":
-            target.parent.mkdir(parents=True, exist_ok=True)
-            gif = target
+            gif = output_path(target, args.overwrite)
         else:
             gif = reserve_path(target, stem, ".gif")
         unclip.save_gif(frames, gif)
@@ -284,10 +311,17 @@ def cmd_train(args) -> int:
     cfg.validate()
     command = "genvl " + " ".join(shlex.quote(a) for a in args.argv)
 
+    if args.stage == "t2i":
+        return _train_t2i(args, command)
+    for flag in ("budget", "lora_rank", "size", "heldout", "clip"):
+        if getattr(args, flag) is not None:
+            raise GenvlError(f"--{flag.replace('_', '-')} is an option of genvl train t2i; for one stage use --set")
     if args.stage == "tokenizer":
         from genvl.data import open_image_text
         from genvl.tokenizers.text import train_text_tokenizer
 
+        if (out / "tokenizer").exists() and not args.overwrite:
+            raise GenvlError(f"{out / 'tokenizer'} already exists; use --overwrite to replace it, or another --out")
         ds = open_image_text(args.data, image_size=cfg.data.image_size, validate=False)
         tok = train_text_tokenizer(getattr(ds, "all_captions", ds.captions), vocab_size=cfg.tokenizer_vocab, model_max_length=cfg.text_len)
         out.mkdir(parents=True, exist_ok=True)
@@ -310,6 +344,42 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _parse_budget(text: str) -> float:
+    """'45m', '1h', '1h30m', '90s' or plain seconds -> seconds."""
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?", t)
+    if not t or m is None or not any(m.groups()):
+        raise GenvlError(f"--budget {text!r}: give a duration such as 45m, 1h, 1h30m or 900s")
+    h, mnt, sec = (float(g) if g else 0.0 for g in m.groups())
+    return 3600 * h + 60 * mnt + sec
+
+
+def _train_t2i(args, command: str) -> int:
+    from genvl.training.t2i import T2IOptions, run_t2i
+
+    if args.config or args.set or args.resume:
+        raise GenvlError("genvl train t2i chooses its own recipes and resumes by itself when run again with the "
+                         "same options: drop --config / --set / --resume (they are for single stages)")
+    budget = _parse_budget(args.budget or "45m")
+    if args.lora_rank is not None and args.lora_rank < 0:
+        raise GenvlError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.size is not None and not (8 <= args.size <= 1024 and args.size % 4 == 0):
+        raise GenvlError(f"--size must be a multiple of 4 in [8, 1024], got {args.size}")
+    if args.heldout and not Path(args.heldout).exists():
+        raise GenvlError(f"--heldout folder not found: {args.heldout}")
+    init = args.init or "scratch"
+    if init == "scratch" and args.clip not in (None, "auto"):
+        raise GenvlError("--clip keep|finetune needs a base model (--init demo or --init DIR)")
+    opts = T2IOptions(data=args.data, out=args.out, init=init, budget_s=budget, lora_rank=args.lora_rank or 0,
+                      size=args.size, heldout=args.heldout, clip=args.clip or "auto")
+    run_t2i(opts, command=command, progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
+
+
 # --------------------------------------------------------------------------------------- classify
 def _load_images(paths: list[str], size: int):
     import torch
@@ -328,6 +398,26 @@ def _load_images(paths: list[str], size: int):
     return torch.stack(tensors)
 
 
+def _check_json(args) -> None:
+    """Fail before any work when ``--json FILE`` exists: results are never overwritten without --overwrite."""
+    path = getattr(args, "json", None)
+    if path and not getattr(args, "overwrite", False) and os.path.lexists(path):
+        raise GenvlError(f"--json {path}: the file exists; genvl does not overwrite results (pass --overwrite to "
+                         "replace it, or name another file)")
+
+
+def _write_json(args, result: dict) -> Path:
+    """Write ``--json`` whole; a file that appeared meanwhile (another run) is kept, not replaced."""
+    from genvl.sampling.io import write_new_file
+
+    data = (json.dumps(result, indent=2) + "\n").encode()
+    try:
+        return write_new_file(args.json, data, overwrite=getattr(args, "overwrite", False))
+    except FileExistsError:
+        raise GenvlError(f"--json {args.json}: the file was created by something else while this ran; it is kept "
+                         "and these results were not written (pass --overwrite to replace it)") from None
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -336,14 +426,23 @@ def _read_text(path: Path) -> str:
 
 
 def _read_classes(args) -> list[str]:
+    from genvl.limits import MAX_CLASSES
+
     if args.classes_file:
         p = Path(args.classes_file)
         if not p.is_file():
             raise GenvlError(f"classes file not found: {p}")
-        return [line.strip() for line in _read_text(p).splitlines() if line.strip()]
-    if args.classes is None:
+        if p.stat().st_size > 64 * 1024 * MAX_CLASSES:
+            raise GenvlError(f"{p}: {p.stat().st_size:,} bytes is too large for a list of at most {MAX_CLASSES} "
+                             "classes")
+        classes = [line.strip() for line in _read_text(p).splitlines() if line.strip()]
+    elif args.classes is None:
         raise GenvlError("give the class names with --classes \"a,b,c\" or --classes-file FILE")
-    return [c for c in args.classes.split(",")]
+    else:
+        classes = [c for c in args.classes.split(",")]
+    if len(classes) > MAX_CLASSES:
+        raise GenvlError(f"{len(classes)} classes is above genvl's limit of {MAX_CLASSES}; give at most {MAX_CLASSES}")
+    return classes
 
 
 def _classify_options(args) -> dict:
@@ -386,8 +485,8 @@ def cmd_classify(args) -> int:
         rows.append({"image": path, "prediction": res.classes[best], "probs": dict(zip(res.classes, probs))})
     print(f"method {args.method}: {res.evals_per_image:g} model evaluations per image, temperature {res.temperature:g}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"method": args.method, "evals_per_image": res.evals_per_image,
-                                               "temperature": res.temperature, "results": rows}, indent=2) + "\n")
+        _write_json(args, {"method": args.method, "evals_per_image": res.evals_per_image,
+                           "temperature": res.temperature, "results": rows})
     return 0
 
 
@@ -444,7 +543,7 @@ def _save_evaluation(args, md, kind: str, metrics: dict, n: int) -> None:
 
     result = {"kind": kind, "model": str(md.path), "data": str(args.data), "n": n, "metrics": metrics}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(args, result)
     if not args.no_record:
         record_metrics(md.path, kind, metrics, {"data": str(args.data), "n": n})
 
@@ -527,7 +626,7 @@ def _evaluate_zero_shot(args) -> int:
            "prompts": prompts, "skipped": len(data.skipped), "device": device, "methods": results,
            "settings": {"samples": args.samples, "schedule": args.schedule, "seed": args.seed, "template": args.template}}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        _write_json(args, out)
     if not args.no_record:
         for m, r in results.items():
             values = {k: r[k] for k in ("accuracy", "ece", "ece_calibrated", "temperature_fitted", "evals_per_image",
@@ -538,18 +637,23 @@ def _evaluate_zero_shot(args) -> int:
 
 def _evaluate_generation(args) -> int:
     from genvl.checkpoint import open_model_dir, record_metrics
-    from genvl.evaluation.generation import evaluate_generation
+    from genvl.evaluation.generation import evaluate_generation, evaluate_heldout
     from genvl.sampling.io import make_grid, to_pil_images
     from genvl.sampling.unclip import UnclipComponents
 
-    if not args.prompts:
-        raise GenvlError("evaluate generation needs --prompts FILE (one prompt per line)")
-    pfile = Path(args.prompts)
-    if not pfile.is_file():
-        raise GenvlError(f"prompts file not found: {pfile}")
-    prompts = list(dict.fromkeys(line.strip() for line in _read_text(pfile).splitlines() if line.strip()))
-    if len(prompts) < 2:
-        raise GenvlError(f"{pfile}: need at least two distinct prompts, found {len(prompts)}")
+    if not args.prompts and not args.data:
+        raise GenvlError("evaluate generation needs --data HELDOUT (a captioned image set: its distinct captions are "
+                         "the prompts) or --prompts FILE (one prompt per line)")
+    if args.max_prompts < 2:
+        raise GenvlError(f"--max-prompts must be at least 2, got {args.max_prompts}")
+    prompts = None
+    if args.prompts:
+        pfile = Path(args.prompts)
+        if not pfile.is_file():
+            raise GenvlError(f"prompts file not found: {pfile}")
+        prompts = list(dict.fromkeys(line.strip() for line in _read_text(pfile).splitlines() if line.strip()))
+        if len(prompts) < 2:
+            raise GenvlError(f"{pfile}: need at least two distinct prompts, found {len(prompts)}")
     md = _model_dir(args.model, "generation evaluation")
     device = _device(args.device)
     _fill_sample_defaults(args, md.meta.get("sampling", {}))
@@ -561,26 +665,38 @@ def _evaluate_generation(args) -> int:
         judge, judge_tok = jd.load("clip", device=device), jd.tokenizer()
     reference = None
     if args.data:
+        import torch.utils.data as tud
+
         from genvl.data import open_image_text
 
-        reference = open_image_text(args.data, image_size=comps.decoder.config.image_size)
+        # real images at the size the model outputs (the super-resolved one when it has an sr stage)
+        out_size = (comps.sr if comps.sr is not None else comps.decoder).config.image_size
+        reference = open_image_text(args.data, image_size=out_size)
         if args.limit:
-            import torch.utils.data as tud
-
             reference = tud.Subset(reference, range(min(args.limit, len(reference))))
-    res = evaluate_generation(comps, prompts, judge=judge, judge_tokenizer=judge_tok, reference=reference,
-                              num_images=args.num_images, progress=not args.no_progress, steps=args.steps,
-                              prior_steps=args.prior_steps, guidance=args.guidance,
-                              prior_guidance=args.prior_guidance, scheduler=args.scheduler, seed=args.seed,
-                              prior_candidates=args.prior_candidates, coarse_start=args.coarse_start)
+    kwargs = dict(judge=judge, judge_tokenizer=judge_tok, num_images=args.num_images, seed=args.seed,
+                  progress=not args.no_progress, steps=args.steps, prior_steps=args.prior_steps,
+                  guidance=args.guidance, prior_guidance=args.prior_guidance, scheduler=args.scheduler,
+                  prior_candidates=args.prior_candidates, coarse_start=args.coarse_start)
+    if prompts is None:
+        res = evaluate_heldout(comps, reference, max_prompts=args.max_prompts, **kwargs)
+        prompts = res["prompts"]
+        source = f"the distinct captions of {args.data}"
+    else:
+        res = evaluate_generation(comps, prompts, reference=reference, **kwargs)
+        source = str(args.prompts)
     images = res.pop("images")
+    res["image_prompt_index"] = res["image_prompt_index"].tolist()
     metrics = {k: res[k] for k in ("clip_score", "prompt_retrieval_accuracy", "fd_clip") if k in res}
-    print(f"generation on {len(prompts)} prompts x {args.num_images} images "
+    print(f"generation on {len(prompts)} prompts ({source}) x {args.num_images} images "
           f"(judge: {args.clip or 'the model' + chr(39) + 's own CLIP'})")
     print(f"{'metric':<28} {'value':>8}")
     for k, v in metrics.items():
         print(f"{k:<28} {v:8.2f}")
     print(f"{'chance_prompt_retrieval':<28} {res['chance_prompt_retrieval']:8.2f}")
+    print(f"{'prompts':<28} {len(prompts):8d}")
+    if "reference_images" in res:
+        print(f"{'reference_images':<28} {res['reference_images']:8d}")
     settings = {"steps": args.steps, "prior_steps": args.prior_steps, "guidance": args.guidance,
                 "scheduler": args.scheduler,
                 "prior_guidance": args.prior_guidance, "prior_candidates": args.prior_candidates, "seed": args.seed,
@@ -588,10 +704,13 @@ def _evaluate_generation(args) -> int:
     if args.coarse_start < 1.0:
         settings["coarse_start"] = args.coarse_start
     result = {"kind": "generation", "model": str(md.path), "judge": args.clip or "own", "reference": args.data,
-              **res, "prompts": prompts, "metrics": metrics, "settings": settings}
+              "prompt_source": "file" if args.prompts else "data", **res, "prompts": prompts, "metrics": metrics,
+              "settings": settings}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        grid = Path(args.json).with_suffix(".png")
+        from genvl.sampling.io import output_path
+
+        _write_json(args, result)
+        grid = output_path(Path(args.json).with_suffix(".png"), args.overwrite)  # a new name if taken (printed)
         make_grid(to_pil_images(images), ncols=args.num_images).save(grid)
         print(f"samples: {grid}")
     if not args.no_record:
@@ -634,6 +753,9 @@ def _data_tokenize(args) -> int:
     out = Path(args.out)
     if out.suffix != SUFFIX:
         raise GenvlError(f"--out {out}: the codes are written as a {SUFFIX} file (e.g. {out.with_suffix(SUFFIX)})")
+    taken = [p for p in (out, tokenized_sidecar(out)) if os.path.lexists(p)]
+    if taken and not args.overwrite:
+        raise GenvlError(f"{taken[0]} already exists; use --overwrite to replace it, or another --out")
     md = _model_dir(args.model, "tokenizing a dataset")
     md.require("vqvae", purpose="genvl data tokenize")
     device = _device(args.device)
@@ -676,6 +798,9 @@ def _sample_interleaved(args) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_images < 0:
         raise GenvlError(f"--max-images must be >= 0, got {args.max_images}")
+    if args.max_images > MAX_DOC_IMAGES:
+        raise GenvlError(f"--max-images {args.max_images} is above genvl's limit of {MAX_DOC_IMAGES} images per "
+                         f"document; ask for at most {MAX_DOC_IMAGES}")
     if any(g is not None and g < 0 for g in (args.guidance, args.image_guidance)):
         raise GenvlError("guidance scales must be >= 0 (1 = no guidance)")
     device = _device(args.device)
@@ -868,18 +993,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model directory, or a diffusers Kandinsky 2.2 / unCLIP directory "
                    "(default: the built-in demo)")
     s.add_argument("--method", choices=["unclip", "ar", "interleaved"], default="unclip", help="generation method")
-    s.add_argument("--out", default="samples", help="output folder, or a .png path (several images: a grid)")
-    s.add_argument("--num-images", type=_positive_int, default=4, help="images to generate")
+    s.add_argument("--out", default="samples", help="output folder, or a .png path (several images: a grid); "
+                   "an existing file is never replaced: the new one takes the next free name (a-1.png), printed")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out .png / .gif file instead")
+    s.add_argument("--num-images", type=_limited(MAX_IMAGES, "images per prompt"), default=4,
+                   help="images to generate")
     s.add_argument("--grid", action="store_true", help="write several images as one grid PNG")
     s.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed gives the same image")
-    s.add_argument("--steps", type=_positive_int, help="decoder diffusion steps (default: the model's "
-                   "recommended setting, else 50)")
-    s.add_argument("--prior-steps", type=_positive_int, help="prior diffusion steps (default: model's, else 25)")
+    s.add_argument("--steps", type=_limited(MAX_STEPS, "steps"), help="decoder diffusion steps (default: the "
+                   "model's recommended setting, else 50)")
+    s.add_argument("--prior-steps", type=_limited(MAX_STEPS, "steps"), help="prior diffusion steps (default: "
+                   "model's, else 25)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance of the decoder (or AR model), 1 = none "
                    "(default: the model's, else 3)")
     s.add_argument("--prior-guidance", type=float, help="prior classifier-free guidance, 1 = none "
                    "(default: model's, else 4)")
-    s.add_argument("--prior-candidates", type=_positive_int, help="embeddings the prior samples per image; the one "
+    s.add_argument("--prior-candidates", type=_limited(MAX_PRIOR_CANDIDATES, "candidates per image"),
+                   help="embeddings the prior samples per image; the one "
                    "closest to the prompt's CLIP text embedding is drawn (default: model's, else 1)")
     s.add_argument("--temperature", type=float, default=1.0, help="--method ar: sampling temperature (0 = greedy)")
     s.add_argument("--top-k", type=int, default=0, help="--method ar: sample among the k likeliest codes (0 = all)")
@@ -890,7 +1020,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, help="output size in pixels (default: the model's)")
     s.add_argument("--prompt-file", metavar="DOC.jsonl", help="--method interleaved: prompt documents of text and "
                    "images (interleaved JSONL, one per line)")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=48, help="--method interleaved: most text tokens "
+    s.add_argument("--max-new-tokens", type=_limited(MAX_NEW_TOKENS, "tokens"), default=48,
+                   help="--method interleaved: most text tokens "
                    "to write")
     s.add_argument("--max-images", type=int, default=1, help="--method interleaved: most images to generate")
     s.add_argument("--image-guidance", type=float, help="--method interleaved: classifier-free guidance of the "
@@ -905,7 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: model's, else 1)")
     s.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="interpolate between two prompts or images "
                    "(written as a GIF and a strip)")
-    s.add_argument("--frames", type=_positive_int, default=8, help="frames for --interpolate")
+    s.add_argument("--frames", type=_limited(MAX_FRAMES, "frames", lo=2), default=8, help="frames for --interpolate")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
@@ -916,9 +1047,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "version say so). Finetune with --init DIR (or --init demo); LoRA: --set lora_rank=8.\n"
                        "The recipe comes from --config (YAML, see configs/) with --set key=value overrides;\n"
                        "e.g. --set max_steps=500 --set data.image_size=64 --set model.size=small.\n"
-                       "Multi-process: accelerate launch --config_file configs/accelerate/ddp.yaml -m genvl train ...")
-    t.add_argument("stage", choices=["tokenizer", "clip", "prior", "decoder", "sr", "vqvae", "lm", "interleaved"],
-                   help="what to train")
+                       "Multi-process: accelerate launch --config_file configs/accelerate/ddp.yaml -m genvl train ...\n\n"
+                       "genvl train t2i --data DIR --out OUT [--init demo|DIR|scratch] [--budget 45m]: the whole\n"
+                       "text-to-image model (tokenizer and CLIP when needed, prior, decoder), each stage sized to\n"
+                       "the data and the budget, one progress bar; the same command again resumes where it stopped.")
+    t.add_argument("stage", choices=["t2i", "tokenizer", "clip", "prior", "decoder", "sr", "vqvae", "lm", "interleaved"],
+                   help="what to train: t2i = the whole text-to-image model in one command; the others one stage")
     t.add_argument("--data", required=True, help="dataset: image folder (metadata.jsonl/csv or .txt captions) or .tar shards "
                    "(interleaved: also .jsonl documents; several sources joined with +)")
     t.add_argument("--out", required=True, help="output model directory (also holds checkpoints and logs)")
@@ -926,8 +1060,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     t.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
     t.add_argument("--init", help="model directory to start from (finetuning); 'demo' is the built-in demo model")
-    t.add_argument("--overwrite", action="store_true", help="replace a trained component already in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace a trained component (or the tokenizer) "
+                   "already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t2i = t.add_argument_group("t2i (the whole text-to-image model; run it again to resume)")
+    t2i.add_argument("--budget", help="wall-clock budget of all stages, e.g. 45m, 1h30m, 900s (default 45m)")
+    t2i.add_argument("--lora-rank", type=int, help="LoRA rank of the prior and decoder when the base CLIP is kept "
+                     "(default 0: full finetuning)")
+    t2i.add_argument("--size", type=int, help="image size of a new decoder (default: the base's, else 32)")
+    t2i.add_argument("--heldout", help="captioned folder for the final held-out metrics in the model card")
+    t2i.add_argument("--clip", choices=["auto", "keep", "finetune"], help="with --init DIR: keep the base's CLIP "
+                     "frozen, finetune it, or decide by measuring how well it separates the captions (default auto)")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("caption", help="describe images with the token LM", formatter_class=_Formatter,
@@ -935,12 +1078,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "vqvae and tokenizer/). Prints one 'path<TAB>caption' line per image.")
     c.add_argument("images", nargs="+", metavar="IMAGE")
     c.add_argument("--model", help="model directory (default: the built-in demo)")
-    c.add_argument("--max-tokens", type=_positive_int, default=32, help="most tokens per caption")
+    c.add_argument("--max-tokens", type=_limited(MAX_NEW_TOKENS, "tokens"), default=32, help="most tokens per caption")
     c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     c.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     c.add_argument("--seed", type=_seed, default=0, help="random seed (used when temperature > 0)")
-    c.add_argument("--batch-size", type=_positive_int, default=32, help="images captioned per batch")
+    c.add_argument("--batch-size", type=_limited(MAX_BATCH_SIZE, "images per batch"), default=32,
+                   help="images captioned per batch")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     c.set_defaults(func=cmd_caption)
 
@@ -952,21 +1096,25 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--classes-file", help="file with one class name per line")
     k.add_argument("--template", help="prompt template with {} for the class name, e.g. \"a photo of a {}\"")
     k.add_argument("--method", choices=["clip", "diffusion", "prior", "ar"], default="clip", help="scoring method")
-    k.add_argument("--samples", type=_positive_int, help="diffusion / prior: (t, noise) samples per class "
+    k.add_argument("--samples", type=_limited(MAX_SAMPLES, "samples per class"),
+                   help="diffusion / prior: (t, noise) samples per class "
                    "(default 32 / 64)")
     k.add_argument("--schedule", help="diffusion / prior: adaptive elimination, samples:keep per stage, e.g. 8:5,32:1")
     k.add_argument("--seed", type=_seed, default=0, help="seed of the shared (t, noise) samples")
     k.add_argument("--temperature", type=float, help="softmax temperature (default: the model's fitted one, else "
                    "the method's default)")
     k.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
-    k.add_argument("--json", help="also write the results to this JSON file")
+    k.add_argument("--json", help="also write the results to this JSON file (an existing one is an error)")
+    k.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     k.set_defaults(func=cmd_classify)
 
     e = sub.add_parser("evaluate", help="measure a model", formatter_class=_Formatter,
                        description="Evaluate a model directory.\n"
                        "  retrieval:  image<->text R@1/5/10 on an image-text set (--data)\n"
-                       "  generation: images for --prompts, scored by CLIP score, prompt-retrieval accuracy and\n"
-                       "              (with --data) the Frechet distance in CLIP space to real images\n"
+                       "  generation: images for the distinct captions of a held-out set --data (at most\n"
+                       "              --max-prompts) or for --prompts, scored by CLIP score, prompt-retrieval\n"
+                       "              accuracy among the distinct prompts and (with --data) the Frechet distance in\n"
+                       "              CLIP space to the real images of --data\n"
                        "  reconstruction: PSNR, codebook usage and code perplexity of the VQ-VAE on held-out\n"
                        "              images (--data)\n"
                        "  zero-shot:  accuracy, per-class accuracy, confusion, ECE, evaluations and time per image of\n"
@@ -977,31 +1125,39 @@ def build_parser() -> argparse.ArgumentParser:
                        "The figures are also stored in the model card unless --no-record.")
     e.add_argument("kind", choices=["retrieval", "generation", "zero-shot", "reconstruction", "interleaved"])
     e.add_argument("--model", help="model directory (default: the built-in demo)")
-    e.add_argument("--data", help="image-text dataset (retrieval; reference images for generation's FD)")
-    e.add_argument("--prompts", help="generation: file with one prompt per line")
+    e.add_argument("--data", help="image-text dataset (retrieval; generation: the held-out set whose distinct "
+                   "captions are the prompts unless --prompts, and whose images are the FD's reference)")
+    e.add_argument("--prompts", help="generation: file with one prompt per line (default: the captions of --data)")
+    e.add_argument("--max-prompts", type=int, default=64, metavar="N",
+                   help="generation from --data: at most N distinct captions (more: a fixed seeded subset)")
     e.add_argument("--clip", help="generation: model directory of the CLIP that scores (default: the model's own)")
-    e.add_argument("--num-images", type=_positive_int, default=4, help="generation: images per prompt")
-    e.add_argument("--steps", type=_positive_int, help="generation: decoder steps (default: the model's, else 50)")
-    e.add_argument("--prior-steps", type=_positive_int, help="generation: prior steps (default: model's, else 25)")
+    e.add_argument("--num-images", type=_limited(MAX_IMAGES, "images per prompt"), default=4,
+                   help="generation: images per prompt")
+    e.add_argument("--steps", type=_limited(MAX_STEPS, "steps"), help="generation: decoder steps (default: the "
+                   "model's, else 50)")
+    e.add_argument("--prior-steps", type=_limited(MAX_STEPS, "steps"), help="generation: prior steps (default: "
+                   "model's, else 25)")
     e.add_argument("--guidance", type=float, help="generation: decoder guidance (default: model's, else 3)")
     e.add_argument("--prior-guidance", type=float, help="generation: prior guidance (default: model's, else 4)")
-    e.add_argument("--prior-candidates", type=_positive_int,
+    e.add_argument("--prior-candidates", type=_limited(MAX_PRIOR_CANDIDATES, "candidates per image"),
                    help="generation: prior samples per image, the closest to the prompt kept (default: model's, else 1)")
     e.add_argument("--scheduler", help="generation: ddpm, ddim or dpm++ (default: model's, else ddim)")
     e.add_argument("--coarse-start", type=float, metavar="F",
                    help="generation: start the decoder from its coarse layout image at this noise fraction "
                         "(1 = from pure noise; default: model's, else 1)")
     e.add_argument("--seed", type=_seed, default=0, help="generation: first seed (prompt i uses seed + i)")
-    e.add_argument("--json", help="write the results to this JSON file")
+    e.add_argument("--json", help="write the results to this JSON file (an existing one is an error)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--method", choices=["clip", "diffusion", "prior", "ar"], default="clip",
                    help="zero-shot: scoring method")
     e.add_argument("--methods", help="zero-shot: comma-separated methods, or 'all' (every method the model supports)")
     e.add_argument("--template", help="zero-shot: prompt template with {} for the class name")
-    e.add_argument("--samples", type=_positive_int, help="zero-shot diffusion / prior: (t, noise) samples per class")
+    e.add_argument("--samples", type=_limited(MAX_SAMPLES, "samples per class"),
+                   help="zero-shot diffusion / prior: (t, noise) samples per class")
     e.add_argument("--schedule", help="zero-shot diffusion / prior: adaptive elimination, e.g. 8:5,32:1")
     e.add_argument("--temperature", type=float, help="zero-shot: softmax temperature (default: model's / method's)")
     e.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
-    e.add_argument("--batch-size", type=_positive_int, default=64)
+    e.add_argument("--batch-size", type=_limited(MAX_BATCH_SIZE, "rows per batch"), default=64)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     e.add_argument("--no-record", action="store_true", help="do not write the figures into the model card")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1030,7 +1186,8 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("path", help="dataset path")
     dt.add_argument("--model", help="model directory holding a vqvae (default: the built-in demo)")
     dt.add_argument("--out", required=True, help="output .safetensors file")
-    dt.add_argument("--batch-size", type=_positive_int, default=64)
+    dt.add_argument("--batch-size", type=_limited(MAX_BATCH_SIZE, "images per batch"), default=64)
+    dt.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its .jsonl)")
     dt.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     dt.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_data)
@@ -1054,6 +1211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     try:
+        _check_json(args)
         return int(args.func(args) or 0)
     except GenvlError as e:
         print(f"genvl {args.command}: error: {_one_line(str(e))}", file=sys.stderr)

@@ -30,6 +30,11 @@ class TrainConfig:
     batch_size: int = 32  # per process, per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 200  # optimizer steps
+    # Wall-clock budget of the stage in seconds (0 = none). Once the speed is measured (after a few
+    # steps) max_steps shrinks to what fits, so the schedule still decays to its end; the run stops
+    # and releases its model at the budget whatever happens. Resumed runs count the time already spent.
+    max_seconds: float = 0.0
+    save_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one (0 = off)
     lr: float = 1e-3
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
@@ -64,6 +69,7 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_seconds >= 0 and self.save_minutes >= 0, "max_seconds and save_minutes must be >= 0"),
             (self.lr > 0, "lr must be > 0"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),

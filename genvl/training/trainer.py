@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -252,6 +252,7 @@ def train(
     command: str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    on_step: Callable[[dict, TrainConfig], None] | None = None,
 ) -> TrainResult:
     """Train ``task`` on ``data_path`` into ``out_dir``.
 
@@ -265,6 +266,8 @@ def train(
         progress: show a progress bar on the main process.
         stop_after: end the loop after this many optimizer steps without releasing the model
             (checkpoints stay), as a crash would; for tests of ``resume``.
+        on_step: called on the main process after every optimizer step with the loop's state
+            (``step``, ``seconds``, ...) and the recipe (whose ``max_steps`` a budget may shrink).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -393,6 +396,8 @@ def train(
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "seconds": 0.0}
     if ckpt is not None:
         state.update(_load_resume_state(accelerator, ckpt))
+        if state.get("max_steps"):  # the steps a budget fitted before the interruption
+            cfg.max_steps = int(state["max_steps"])
         if ema is not None:
             from genvl.models.base import load_safetensors
 
@@ -440,8 +445,12 @@ def train(
                 task.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             # trainer_state.json is written last: its presence marks the folder complete.
             (tmp / STATE_NAME).write_text(json.dumps(state))
+            from genvl.checkpoint import fsync_dir, fsync_tree
+
+            fsync_tree(tmp)  # every file on disk before the rename (power loss; GENVL_FSYNC=0 skips)
             _remove_checkpoint(final)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
             done = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / STATE_NAME).is_file())
             for old in done[: -cfg.keep_checkpoints]:
                 _remove_checkpoint(old)
@@ -460,6 +469,7 @@ def train(
     global_batch = cfg.batch_size * world
     stopped_early = False
     unwrapped = accelerator.unwrap_model(model)
+    budget = BudgetClock(cfg, state, t_start)
 
     while state["step"] < cfg.max_steps:
         sampler.use_epoch(state["epoch"])
@@ -535,16 +545,21 @@ def train(
                     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=state["step"])
             loss_sum, loss_n = 0.0, 0
             state["seconds"] = time.perf_counter() - t_start
-            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.max_steps:
+            out_of_time = budget.tick(accelerator, bar)
+            if state["step"] < cfg.max_steps and not out_of_time and (
+                    (cfg.save_every and state["step"] % cfg.save_every == 0) or budget.save_due):
                 last_good = save_checkpoint()
+                budget.saved()
+            if on_step is not None and main:
+                on_step(state, cfg)
             if cfg.sample_every and state["step"] % cfg.sample_every == 0 and main:
                 task.sample(unwrapped, run_dir / "samples" / f"step-{state['step']:08d}.png", state["step"])
             if stop_after is not None and state["step"] >= stop_after:
                 stopped_early = True
                 break
-            if state["step"] >= cfg.max_steps:
+            if state["step"] >= cfg.max_steps or out_of_time:
                 break
-        if stopped_early:
+        if stopped_early or budget.out_of_time:
             break
         if state["step"] < cfg.max_steps and state["batch_in_epoch"] >= len(loader):
             state["epoch"] += 1
@@ -567,6 +582,79 @@ def train(
         samples_seen=state["samples_seen"], skipped_files=skipped, stopped_early=stopped_early, history=history,
         model=unwrapped,
     )
+
+
+class BudgetClock:
+    """The stage's wall-clock budget (``cfg.max_seconds``) and time-based checkpoints (``cfg.save_minutes``).
+
+    After ``FIT_AFTER`` steps of this process it measures the time per step (the first two steps,
+    slower, left out) and sets ``cfg.max_steps`` to the steps that fit the rest of the budget (never
+    above the recipe's), so that the learning-rate schedule decays to its end. It measures again every
+    ``REFIT_SHARE`` of the budget and refits when the speed moved (another process on the machine, a
+    slower epoch), until ``REFIT_UNTIL`` of the steps are done. The fitted numbers go into the loop
+    state (and so into checkpoints: a resumed run keeps them). Past the budget, :meth:`tick` says
+    stop, on every process alike.
+    """
+
+    FIT_AFTER = 8  # steps timed before the first fit (the first two are not counted)
+    REFIT_SHARE = 0.05  # share of the budget between two measurements,
+    REFIT_MIN_SECONDS = 20.0  # and at least this long
+    REFIT_UNTIL = 0.9  # no refit in the last 10% of the steps: the schedule ends as planned
+    RESERVE = 0.03  # share of the budget kept for the release and the sample grid
+
+    def __init__(self, cfg: TrainConfig, state: dict, t_start: float):
+        self.cfg, self.state, self.t_start = cfg, state, t_start
+        self.first_step = state["step"]
+        self.mark: tuple[float, int] | None = None  # (time, step) where the current speed window began
+        self.t_saved = time.perf_counter()
+        self.out_of_time = self.save_due = False
+        state.setdefault("recipe_max_steps", cfg.max_steps)
+
+    def _fit(self, accelerator, bar, now: float) -> None:
+        cfg, state = self.cfg, self.state
+        t0, s0 = self.mark
+        per_step = (now - t0) / max(1, state["step"] - s0)
+        left = cfg.max_seconds * (1 - self.RESERVE) - (now - self.t_start)
+        fit = min(int(state["recipe_max_steps"]), state["step"] + max(1, int(left / per_step)))
+        if accelerator.num_processes > 1:  # every process keeps the same schedule
+            fit = int(accelerator.reduce(torch.tensor([fit], device=accelerator.device), "max").item())
+        if abs(fit - cfg.max_steps) > 0.02 * cfg.max_steps or not state.get("max_steps"):
+            cfg.max_steps = fit
+            bar.total = fit
+            bar.refresh()
+        state["max_steps"] = cfg.max_steps
+        self.mark = (now, state["step"])
+
+    def tick(self, accelerator, bar) -> bool:
+        """Call after each optimizer step; True when the budget is spent. Also decides
+        :attr:`save_due` (time for a checkpoint), the same on every process."""
+        cfg, state = self.cfg, self.state
+        self.save_due = False
+        if cfg.max_seconds <= 0 and cfg.save_minutes <= 0:
+            return False
+        now = time.perf_counter()
+        done = state["step"] - self.first_step
+        if done == 2:
+            self.mark = (now, state["step"])
+        if cfg.max_seconds > 0 and self.mark is not None:
+            first = done == self.FIT_AFTER and not state.get("max_steps")
+            window = max(self.REFIT_MIN_SECONDS, self.REFIT_SHARE * cfg.max_seconds)
+            refit = (state.get("max_steps") and now - self.mark[0] >= window
+                     and state["step"] < self.REFIT_UNTIL * cfg.max_steps)
+            if accelerator.num_processes > 1:  # the same decision everywhere
+                refit = bool(accelerator.reduce(torch.tensor([float(bool(refit))], device=accelerator.device), "max") > 0)
+            if first or refit:
+                self._fit(accelerator, bar, now)
+        flags = torch.tensor([float(cfg.max_seconds > 0 and now - self.t_start >= cfg.max_seconds),
+                              float(cfg.save_minutes > 0 and now - self.t_saved >= 60 * cfg.save_minutes)],
+                             device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, "max")
+        self.out_of_time, self.save_due = bool(flags[0] > 0), bool(flags[1] > 0)
+        return self.out_of_time
+
+    def saved(self) -> None:
+        self.t_saved = time.perf_counter()
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -176,6 +176,38 @@ def test_evaluate_generation_reports_and_records(model_dir, tmp_path, capsys):
     assert "at least two distinct prompts" in capsys.readouterr().err
 
 
+def _heldout_folder(root, captions):
+    root.mkdir(parents=True)
+    for i, _ in enumerate(captions):
+        Image.new("RGB", (20, 20), (50 * i, 200 - 30 * i, 90)).save(root / f"{i}.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n"
+                                                 for i, c in enumerate(captions)))
+    return root
+
+
+def test_evaluate_generation_on_a_heldout_folder_groups_its_captions(model_dir, tmp_path, capsys):
+    caps = ["a red heart", "a cat face", "a red heart", "a slice of pizza", "a cat face", "a red heart"]
+    held = _heldout_folder(tmp_path / "held", caps)
+    js = tmp_path / "held.json"
+    assert main(["evaluate", "generation", "--model", str(model_dir), "--data", str(held), "--num-images", "1",
+                 "--steps", "2", "--prior-steps", "2", "--json", str(js), "--no-record", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(line.rsplit(None, 1) for line in out.splitlines()[2:] if line and not line.startswith("samples"))
+    assert rows["chance_prompt_retrieval"] == "33.33" and rows["prompts"] == "3" and rows["reference_images"] == "6"
+    assert "fd_clip" in rows and "3 prompts (the distinct captions of" in out
+    res = json.loads(js.read_text())
+    assert res["prompts"] == ["a red heart", "a cat face", "a slice of pizza"] and res["num_images"] == 3
+    assert res["image_prompt_index"] == [0, 1, 2] and res["prompt_source"] == "data"
+    assert not (model_dir / "genvl.json").read_text().count('"generation"')  # --no-record
+    # bad input: one line, exit 2, before any sampling
+    single = _heldout_folder(tmp_path / "single", ["a cat face"] * 3)
+    for argv, needle in [([], "--data HELDOUT"), (["--data", str(held), "--max-prompts", "1"], "at least 2"),
+                         (["--data", str(single)], "two distinct captions")]:
+        assert main(["evaluate", "generation", "--model", str(model_dir), *argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.fixture(scope="module")
 def coarse_dir(model_dir, tmp_path_factory):
     """The model directory with a decoder that has a coarse layout path, recommending coarse_start 0.5."""

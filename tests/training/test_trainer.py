@@ -245,3 +245,73 @@ def test_tensorboard_logging_when_installed(shapes_dir, tmp_path):
     acc.Reload()
     assert {"loss", "lr", "samples_per_s"} <= set(acc.Tags()["scalars"])
     assert [s.step for s in acc.Scalars("loss")] == [2, 4, 6, 8, 10, 12]
+
+
+def test_wall_clock_budget_fits_the_schedule_and_resume_keeps_it(shapes_dir, tmp_path, monkeypatch):
+    """max_seconds: max_steps shrinks to what fits after a few timed steps, the run stops near the
+    budget and releases its model; save_minutes checkpoints by time; a resumed run keeps the fitted steps."""
+    import time
+
+    from genvl.training import trainer
+
+    real_tick = trainer.BudgetClock.tick
+    calls = {"n": 0}
+
+    def slow_tick(self, accelerator, bar):  # every step takes at least 50 ms: about 40 steps fit in 2 s
+        time.sleep(0.05)
+        calls["n"] += 1
+        return real_tick(self, accelerator, bar)
+
+    monkeypatch.setattr(trainer.BudgetClock, "tick", slow_tick)
+    c = cfg("max_steps=100000", "max_seconds=2", "save_every=0", "save_minutes=0.005", "keep_checkpoints=5")
+    res = train(CLIPTask(c), shapes_dir, tmp_path / "b", progress=False)
+    assert not res.stopped_early and 5 <= res.step < 100
+    assert res.seconds < 2 + 1.0
+    assert (tmp_path / "b" / "clip" / "model.safetensors").is_file()
+    state = json.loads((find_checkpoint(stage_dir(tmp_path / "b", "clip"), "latest") / "trainer_state.json").read_text())
+    fitted = state["max_steps"]
+    assert res.step <= fitted < 100
+    # time-based checkpoints: save_minutes=0.3 s, so more than the final one was written on the way
+    assert len(list((tmp_path / "b" / "train/clip/checkpoints").glob("step-*"))) >= 2
+    log = [json.loads(x) for x in (tmp_path / "b" / "train/clip/log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] < 0.5 * c.lr or res.step < fitted  # the schedule decayed towards its fitted end
+    # a run cut off mid-way resumes with the fitted step count, not the recipe's 100000
+    c2 = cfg("max_steps=100000", "max_seconds=30", "save_every=3")
+    cut = train(CLIPTask(c2), shapes_dir, tmp_path / "r", progress=False, stop_after=12)
+    assert cut.stopped_early
+    st = json.loads((find_checkpoint(stage_dir(tmp_path / "r", "clip"), "latest") / "trainer_state.json").read_text())
+    assert st["step"] == 12 and st["max_steps"] < 100000
+    c3 = cfg("max_steps=100000", "max_seconds=30", "save_every=3")
+    c3.max_steps = 100000
+    resumed = CLIPTask(c3)
+    res2 = train(resumed, shapes_dir, tmp_path / "r", resume="latest", progress=False, stop_after=13)
+    assert resumed.cfg.max_steps == st["max_steps"] and res2.step == 13
+
+
+def test_budget_refits_when_the_speed_drops(shapes_dir, tmp_path, monkeypatch):
+    """Steps that become 4x slower half-way (another process on the machine) shrink the fitted
+    schedule again, so the run still ends its schedule within the budget."""
+    import time
+
+    from genvl.training import trainer
+
+    real_tick = trainer.BudgetClock.tick
+
+    def tick(self, accelerator, bar):
+        time.sleep(0.02 if self.state["step"] < 20 else 0.08)
+        return real_tick(self, accelerator, bar)
+
+    monkeypatch.setattr(trainer.BudgetClock, "tick", tick)
+    monkeypatch.setattr(trainer.BudgetClock, "REFIT_MIN_SECONDS", 0.3)
+    fits = []
+    real_fit = trainer.BudgetClock._fit
+
+    def spy(self, accelerator, bar, now):
+        real_fit(self, accelerator, bar, now)
+        fits.append(self.cfg.max_steps)
+
+    monkeypatch.setattr(trainer.BudgetClock, "_fit", spy)
+    c = cfg("max_steps=100000", "max_seconds=4", "save_every=0")
+    res = train(CLIPTask(c), shapes_dir, tmp_path / "s", progress=False)
+    assert len(fits) >= 2 and min(fits[1:]) < 0.7 * fits[0], fits  # the first fit assumed the fast steps
+    assert res.seconds < 4 + 1.0 and res.step >= 0.8 * c.max_steps  # ran (nearly) to its refitted end

@@ -60,8 +60,10 @@ class PriorTask(Task):
 
     ``model`` recipe keys: ``size`` (tiny | small | base) and overrides of
     :class:`~genvl.models.prior.PriorConfig` (``embed_dim`` and ``text_width`` come from the CLIP),
-    and ``cache_inputs`` (default true: each training image's CLIP embedding is computed once and
-    kept by dataset index; captions are encoded every step, as their variants change per epoch).
+    ``cache_inputs`` (default true: each training image's CLIP embedding is computed once and
+    kept by dataset index; captions are encoded every step, as their variants change per epoch),
+    ``fresh`` (bool: build a new prior even when ``--init`` holds one) and ``restat`` (bool: keep the
+    prior of ``--init`` but measure its embedding statistics anew, for a CLIP finetuned since).
     """
 
     stage = "prior"
@@ -75,6 +77,7 @@ class PriorTask(Task):
         self.dataset_size = 0
         self.cache_inputs = True
         self._cache: EncodingCache | None = None  # CLIP image embeddings (N, D) by dataset index
+        self.fresh = False  # model.fresh: a new prior although --init holds one
 
     def build(self, dataset, init, tokenizer=None) -> DiffusionPrior:
         from accelerate import PartialState
@@ -83,6 +86,8 @@ class PriorTask(Task):
             raise ModelDirError("the prior stage needs --init DIR: a model directory with a trained clip component")
         init.require("clip", purpose="training the prior (--init)")
         self.cache_inputs = bool(self.cfg.model.get("cache_inputs", True))
+        fresh = self.fresh = bool(self.cfg.model.get("fresh", False))
+        restat = bool(self.cfg.model.get("restat", False))
         self.dataset_size = len(dataset)
         clip = init.load("clip")
         clip.requires_grad_(False)
@@ -94,7 +99,7 @@ class PriorTask(Task):
         if tok_len <= 100_000:  # tokenizers saved without a limit report a huge sentinel
             text_len = min(text_len, tok_len)
 
-        if init.has("prior"):
+        if init.has("prior") and not fresh:
             model = init.load("prior")
             pc = model.config
             if (pc.embed_dim, pc.text_width) != (D, W):
@@ -102,9 +107,14 @@ class PriorTask(Task):
                     f"{init.path}: its prior expects CLIP embed_dim {pc.embed_dim} / text_width {pc.text_width}, "
                     f"its clip has {D} / {W}"
                 )
+            if restat and not self.resuming:  # a CLIP finetuned since: its embeddings' statistics moved
+                device = PartialState().device
+                self.clip.to(device)
+                model.set_embedding_stats(*clip_image_stats(self.clip, dataset, device=device))
         else:
             overrides = dict(self.cfg.model)
-            overrides.pop("cache_inputs", None)
+            for key in ("cache_inputs", "fresh", "restat"):
+                overrides.pop(key, None)
             size = overrides.pop("size", "tiny")
             for key, value in (("embed_dim", D), ("text_width", W)):
                 if key in overrides and overrides[key] != value:
