@@ -17,6 +17,7 @@ import runpy
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import write_shapes_folder
@@ -186,3 +187,19 @@ def file_size(path: Path) -> int:
         return os.path.getsize(path)
     except OSError:
         return 0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny model directory, built once per test module (import this fixture by name)."""
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "model")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """A small red PNG, once per test module (import this fixture by name)."""
+    from PIL import Image
+
+    p = tmp_path_factory.mktemp("img") / "x.png"
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(p)
+    return p

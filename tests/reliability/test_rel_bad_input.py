@@ -22,7 +22,7 @@ from PIL import Image
 from genvl.cli import main
 from genvl.sampling.io import read_png_metadata
 from genvl.training.config import DataConfig, TrainConfig
-from rel_helpers import build_tiny_model
+from rel_helpers import build_tiny_model, image, model_dir  # noqa: F401 (shared fixtures)
 
 FAST = ["--steps", "1", "--prior-steps", "1", "--num-images", "1", "--no-progress"]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
@@ -44,18 +44,6 @@ PROMPTS = st.one_of(
     st.text(alphabet=st.one_of(RTL, st.sampled_from(" abc")), max_size=40),
     st.text(min_size=200, max_size=400),
 )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("m") / "model")
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("img") / "x.png"
-    Image.new("RGB", (20, 20), (200, 30, 30)).save(p)
-    return p
 
 
 @pytest.fixture(scope="module", autouse=True)

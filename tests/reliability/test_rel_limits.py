@@ -15,19 +15,7 @@ import genvl.limits as L
 from genvl.checkpoint import open_model_dir
 from genvl.cli import main
 from genvl.errors import GenvlError
-from rel_helpers import build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("m") / "model")
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("img") / "x.png"
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(p)
-    return p
+from rel_helpers import build_tiny_model, image, model_dir  # noqa: F401 (shared fixtures)
 
 
 def run(argv):
