@@ -22,6 +22,7 @@ then grayscale and 28 px), so the judge is not fooled by the resize. Writes JSON
 a grid PNG (one row per kind) and prints a table.
 
     python benchmarks/custom_set.py --make data/fmnist
+    python benchmarks/custom_set.py --data data/fmnist --out runs/fm-demo              # the default path (demo, 18m)
     python benchmarks/custom_set.py --data data/fmnist --out runs/fm-scratch --init scratch --budget 55m
     python benchmarks/custom_set.py --data data/fmnist --model runs/fm-scratch      # judge an existing model
 """
@@ -39,7 +40,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -134,21 +134,18 @@ def generate(model_dir: str, per_label: int, seed: int, **changes) -> tuple[torc
 
     Returns images (N, 3, S, S), their labels, the settings, and seconds per image.
     """
-    from genvl.checkpoint import open_model_dir
-    from genvl.sampling.unclip import UnclipComponents, text_to_image
+    from genvl.limits import MAX_IMAGES
+    from genvl.pipelines import UnclipPipeline
 
-    md = open_model_dir(model_dir)
-    settings = {**md.meta.get("sampling", {}), **changes}
-    comps = UnclipComponents.from_model_dir(md)
+    pipe = UnclipPipeline.from_pretrained(model_dir)
+    settings = pipe.settings(**changes)
     images, labels = [], []
     t0 = time.perf_counter()
-    from genvl.limits import MAX_IMAGES
-
     for label, (_, caption) in enumerate(CLASSES):
         for start in range(0, per_label, MAX_IMAGES):
             n = min(MAX_IMAGES, per_label - start)
-            out = text_to_image(comps, [caption], num_images=n, seed=seed + 1000 * label + start, **settings)
-            images.append(out.images.cpu())
+            out = pipe(caption, num_images=n, seed=seed + 1000 * label + start, **changes)
+            images.append(out.tensors.cpu())
             labels += [label] * n
     seconds = (time.perf_counter() - t0) / len(labels)
     return torch.cat(images), torch.tensor(labels), settings, seconds
@@ -196,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="folder written by --make")
     ap.add_argument("--out", help="model directory for genvl train t2i")
     ap.add_argument("--model", help="judge an existing model directory instead of training one")
-    ap.add_argument("--init", default="scratch", help="--init of genvl train t2i (scratch, demo or a directory)")
-    ap.add_argument("--budget", default="55m", help="--budget of genvl train t2i")
+    ap.add_argument("--init", default="demo", help="--init of genvl train t2i (demo, its default; scratch or a directory)")
+    ap.add_argument("--budget", default="18m", help="--budget of genvl train t2i")
     ap.add_argument("--lora-rank", type=int, default=0)
     ap.add_argument("--clip", choices=["auto", "keep", "finetune"], help="--clip of genvl train t2i")
     ap.add_argument("--per-label", type=int, default=50, help="generated images per kind")
@@ -303,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     res_path.write_text(json.dumps(results, indent=2) + "\n")
 
     print()
-    print(f"| run | train time | size | judge real | judge generated | ratio | CLIP score | retrieval (chance) | FD |")
+    print("| run | train time | size | judge real | judge generated | ratio | CLIP score | retrieval (chance) | FD |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = f"{r['train_seconds'] / 60:.1f} min" if r.get("train_seconds") else "-"
         print(f"| {r['name']} | {t} | {r['size_mb']:.1f} MB | {r['judge_real_accuracy']:.1f}% | "
               f"{r['judge_generated_accuracy']:.1f}% | {r['ratio']:.2f} | {r['clip_score']:.1f} | "
               f"{r['prompt_retrieval_accuracy']:.1f}% ({r['chance_prompt_retrieval']:.0f}%) | {r['fd_clip']:.3f} |")
-    print(f"\nper kind (generated): " + ", ".join(f"{k} {v:.0f}%" for k, v in per_class.items()))
+    print("\nper kind (generated): " + ", ".join(f"{k} {v:.0f}%" for k, v in per_class.items()))
     print(f"results: {res_path}; grid: {grid}")
     return 0
 

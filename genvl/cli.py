@@ -142,21 +142,22 @@ def _check_sample_args(args) -> None:
         raise GenvlError(f"--coarse-start must be in (0, 1] (1 = from pure noise), got {args.coarse_start}")
     if args.coarse_start is not None and args.coarse_start < 1.0 and args.invert:
         raise GenvlError("--coarse-start and --invert do not go together: both choose where sampling starts")
+    if args.strength is not None and args.image is None:
+        raise GenvlError("--strength goes with --image (image-to-image)")
+    if args.strength is not None and not 0.0 <= args.strength <= 1.0:
+        raise GenvlError(f"--strength must be in [0, 1] (1 = plain text-to-image, 0 = the image), got {args.strength}")
+    if args.image is not None and (args.method != "unclip" or args.variations or args.interpolate):
+        raise GenvlError("--image (image-to-image) works with a prompt and --method unclip")
     if args.scheduler is not None and args.scheduler not in ("ddpm", "ddim", "dpm++"):
         raise GenvlError(f"unknown scheduler {args.scheduler!r}; choose ddpm, ddim or dpm++")
 
 
-# Sampling settings when neither the command line nor the model directory's genvl.json
-# ("sampling": {...}, the settings recommended for that model) gives them.
-SAMPLE_DEFAULTS = {"steps": 50, "prior_steps": 25, "guidance": 3.0, "prior_guidance": 4.0, "scheduler": "ddim",
-                   "prior_candidates": 1, "coarse_start": 1.0}
-
-
 def _fill_sample_defaults(args, model_defaults: dict) -> None:
-    """Options left unset take the model directory's recommended value, else SAMPLE_DEFAULTS."""
-    for key, value in SAMPLE_DEFAULTS.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, type(value)(model_defaults.get(key, value)))
+    """Options left unset take the model directory's recommended value, else the pipelines' defaults."""
+    from genvl.pipelines.base import resolve_settings
+
+    for key, value in resolve_settings(model_defaults, vars(args)).items():
+        setattr(args, key, value)
 
 
 def _write_images(images, args, meta: dict, stem: str) -> list[Path]:
@@ -211,44 +212,24 @@ def cmd_sample(args) -> int:
     if args.model and detect_external(model_path):
         return _sample_external(args, model_path, device)
 
+    from genvl.pipelines import UnclipPipeline
     from genvl.sampling import unclip
-    from genvl.sampling.io import slug, to_pil_images
+    from genvl.sampling.io import slug
 
-    md = _model_dir(args.model, "sampling")
-    if args.invert and args.coarse_start is None:
-        args.coarse_start = 1.0  # inverted noise sets the start; a model's recommended coarse start does not apply
-    _fill_sample_defaults(args, md.meta.get("sampling", {}))
-    comps = unclip.UnclipComponents.from_model_dir(md, device=device)
-    if args.coarse_start < 1.0 and getattr(comps.decoder, "coarse", None) is None:
-        raise GenvlError(f"--coarse-start {args.coarse_start}: the decoder of {model_path} has no coarse layout path "
-                         "(trained with model.coarse_size > 0); leave --coarse-start out")
-    dec_size = comps.decoder.config.image_size
-    sr_size = comps.sr.config.image_size if comps.sr is not None else None
-    superres = comps.sr is not None
-    if args.size is not None:
-        if args.size == dec_size:
-            superres = False
-        elif args.size != sr_size:
-            sizes = f"{dec_size} px" + (f" or {sr_size} px with super-resolution" if sr_size else "")
-            raise GenvlError(f"--size {args.size}: this model generates {sizes}")
-    common = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                  superres=superres, progress=not args.no_progress, coarse_start=args.coarse_start)
-    meta = {"model": str(model_path), "method": "unclip", "seed": args.seed, "steps": args.steps,
-            "guidance": args.guidance, "scheduler": args.scheduler}
-    if args.coarse_start < 1.0:
-        meta["coarse_start"] = args.coarse_start
+    pipe = UnclipPipeline.from_pretrained(_model_dir(args.model, "sampling"), device=device)
+    pipe.name = str(model_path)
+    given = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "coarse_start")}
+    common = dict(seed=args.seed, size=args.size, progress=not args.no_progress, **given)
     if args.variations:
         img = _load_image_arg(args.variations)
-        out = unclip.variations(comps, img, num_images=args.num_images, invert=args.invert, **common)
-        meta.update(variations_of=args.variations, invert=args.invert)
-        paths = _write_images(to_pil_images(out.images), args, meta, f"variation-{slug(Path(args.variations).stem)}")
+        out = pipe.variations(img, num_images=args.num_images, invert=args.invert, **common)
+        meta = {**out.settings, "variations_of": args.variations}
+        paths = _write_images(out.images, args, meta, f"variation-{slug(Path(args.variations).stem)}")
     elif args.interpolate:
         a, b = (_load_image_arg(x) if Path(x).is_file() else x for x in args.interpolate)
-        out = unclip.interpolate(comps, a, b, frames=args.frames, prior_steps=args.prior_steps,
-                                 prior_guidance=args.prior_guidance, **common)
-        meta.update(interpolate=list(args.interpolate), frames=args.frames, prior_steps=args.prior_steps,
-                    prior_guidance=args.prior_guidance)
-        frames = to_pil_images(out.images)
+        out = pipe.interpolate(a, b, frames=args.frames, prior_steps=args.prior_steps,
+                               prior_guidance=args.prior_guidance, **common)
+        meta = {**out.settings, "interpolate": list(args.interpolate)}
         from genvl.sampling.io import make_grid, output_path, reserve_path, save_png
 
         target = Path(args.out)
@@ -257,16 +238,17 @@ def cmd_sample(args) -> int:
             gif = output_path(target, args.overwrite)
         else:
             gif = reserve_path(target, stem, ".gif")
-        unclip.save_gif(frames, gif)
-        strip = save_png(make_grid(frames, ncols=len(frames)), reserve_path(gif.parent, gif.stem + "-strip"), meta)
+        unclip.save_gif(out.images, gif)
+        strip = save_png(make_grid(out.images, ncols=len(out.images)), reserve_path(gif.parent, gif.stem + "-strip"),
+                         meta)
         paths = [gif, strip]
     else:
-        out = unclip.text_to_image(comps, [args.prompt], num_images=args.num_images, prior_steps=args.prior_steps,
-                                   prior_guidance=args.prior_guidance, prior_candidates=args.prior_candidates,
-                                   **common)
-        meta.update(prompt=args.prompt, prior_steps=args.prior_steps, prior_guidance=args.prior_guidance,
-                    prior_candidates=args.prior_candidates)
-        paths = _write_images(to_pil_images(out.images), args, meta, f"{slug(args.prompt)}-s{args.seed}")
+        image = _load_image_arg(args.image) if args.image else None
+        out = pipe(args.prompt, num_images=args.num_images, prior_steps=args.prior_steps,
+                   prior_guidance=args.prior_guidance, prior_candidates=args.prior_candidates, image=image,
+                   strength=args.strength, **common)
+        meta = {**out.settings, **({"image": args.image} if args.image else {})}
+        paths = _write_images(out.images, args, meta, f"{slug(args.prompt)}-s{args.seed}")
     for p in paths:
         print(p)
     return 0
@@ -296,13 +278,13 @@ def _sample_external(args, path: Path, device: str) -> int:
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(args) -> int:
     from genvl.config import apply_overrides, load_config
-    from genvl.training.config import TrainConfig
+    from genvl.training.config import TrainConfig, resolve_recipe
     from genvl.training.tasks import get_task
     from genvl.training.trainer import stage_dir
 
     out = Path(args.out)
     if args.config:
-        cfg = load_config(TrainConfig, args.config)
+        cfg = load_config(TrainConfig, resolve_recipe(args.config))
     elif args.resume and (stage_dir(out, args.stage) / "config.yaml").is_file():
         cfg = load_config(TrainConfig, stage_dir(out, args.stage) / "config.yaml")
     else:
@@ -313,7 +295,7 @@ def cmd_train(args) -> int:
 
     if args.stage == "t2i":
         return _train_t2i(args, command)
-    for flag in ("budget", "lora_rank", "size", "heldout", "clip"):
+    for flag in ("budget", "lora_rank", "size", "superres", "heldout", "clip"):
         if getattr(args, flag) is not None:
             raise GenvlError(f"--{flag.replace('_', '-')} is an option of genvl train t2i; for one stage use --set")
     if args.stage == "tokenizer":
@@ -359,7 +341,7 @@ def _parse_budget(text: str) -> float:
 
 
 def _train_t2i(args, command: str) -> int:
-    from genvl.training.t2i import T2IOptions, run_t2i
+    from genvl.training.t2i import T2IOptions, default_init, run_t2i
 
     if args.config or args.set or args.resume:
         raise GenvlError("genvl train t2i chooses its own recipes and resumes by itself when run again with the "
@@ -369,13 +351,17 @@ def _train_t2i(args, command: str) -> int:
         raise GenvlError(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if args.size is not None and not (8 <= args.size <= 1024 and args.size % 4 == 0):
         raise GenvlError(f"--size must be a multiple of 4 in [8, 1024], got {args.size}")
+    if args.superres is not None and not (8 <= args.superres <= 1024 and args.superres % 4 == 0):
+        raise GenvlError(f"--superres must be a multiple of 4 in [8, 1024], got {args.superres}")
     if args.heldout and not Path(args.heldout).exists():
         raise GenvlError(f"--heldout folder not found: {args.heldout}")
-    init = args.init or "scratch"
+    init = args.init or default_init(args.size)
+    if not args.init:
+        print(f"genvl t2i: --init {init} (the default{'' if init == 'demo' else ' for --size ' + str(args.size)})")
     if init == "scratch" and args.clip not in (None, "auto"):
         raise GenvlError("--clip keep|finetune needs a base model (--init demo or --init DIR)")
     opts = T2IOptions(data=args.data, out=args.out, init=init, budget_s=budget, lora_rank=args.lora_rank or 0,
-                      size=args.size, heldout=args.heldout, clip=args.clip or "auto")
+                      size=args.size, superres=args.superres, heldout=args.heldout, clip=args.clip or "auto")
     run_t2i(opts, command=command, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
 
@@ -897,59 +883,42 @@ def cmd_ui(args) -> int:
 
 
 # --------------------------------------------------------------------------------- autoregressive
-def _ar_parts(model: str | None, device: str, purpose: str):
-    """(model dir, lm, vqvae, tokenizer) of a model directory holding the token LM."""
-    from genvl.sampling.autoregressive import check_parts
-
-    md = _model_dir(model, purpose)
-    md.require("lm", "vqvae", purpose=purpose)
-    lm, vq, tok = md.load("lm", device=device), md.load("vqvae", device=device), md.tokenizer()
-    check_parts(lm, vq, tok, None)
-    return md, lm, vq, tok
-
-
 def _sample_ar(args) -> int:
     """``genvl sample --method ar PROMPT``: the token LM writes image codes, the VQ-VAE draws them."""
-    from genvl.sampling.autoregressive import check_sampling, text_to_image
-    from genvl.sampling.io import slug, to_pil_images
+    from genvl.pipelines import ARPipeline
+    from genvl.sampling.autoregressive import check_sampling
+    from genvl.sampling.io import slug
 
     if args.variations or args.interpolate:
         raise GenvlError("--variations and --interpolate work with --method unclip, not ar")
     check_sampling(args.temperature, args.top_k, args.top_p)
-    device = _device(args.device)
-    md, lm, vq, tok = _ar_parts(args.model, device, "--method ar")
-    if args.guidance is None:  # unset: the model directory's recommended AR guidance, else 3
-        args.guidance = float(md.meta.get("sampling", {}).get("ar_guidance", 3.0))
-    S = vq.config.image_size
-    if args.size is not None and args.size != S:
-        raise GenvlError(f"--size {args.size}: this model generates {S} px")
-    out = text_to_image(lm, vq, tok, None, [args.prompt], num_images=args.num_images, guidance=args.guidance,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        fast=args.fast, progress=not args.no_progress)
-    meta = {"model": str(Path(args.model) if args.model else DEMO_DIR), "method": "ar", "prompt": args.prompt,
-            "seed": args.seed, "guidance": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p}
-    for p in _write_images(to_pil_images(out.images), args, meta, f"{slug(args.prompt)}-s{args.seed}"):
+    pipe = ARPipeline.from_pretrained(_model_dir(args.model, "--method ar"), device=_device(args.device),
+                                      purpose="--method ar")
+    pipe.name = str(Path(args.model) if args.model else DEMO_DIR)
+    out = pipe(args.prompt, num_images=args.num_images, guidance=args.guidance, temperature=args.temperature,
+               top_k=args.top_k, top_p=args.top_p, seed=args.seed, size=args.size, fast=args.fast,
+               progress=not args.no_progress)
+    for p in _write_images(out.images, args, out.settings, f"{slug(args.prompt)}-s{args.seed}"):
         print(p)
     return 0
 
 
 def cmd_caption(args) -> int:
     """``genvl caption IMAGE...``: one "path<TAB>caption" line per image."""
-    from genvl.sampling.autoregressive import caption, check_sampling
+    from genvl.pipelines import ARPipeline
+    from genvl.sampling.autoregressive import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p)
     for p in args.images:
         if not Path(p).is_file():
             raise GenvlError(f"image not found: {p}")
-    device = _device(args.device)
-    _, lm, vq, tok = _ar_parts(args.model, device, "captioning")
-    images = _load_images(args.images, vq.config.image_size)  # (B, 3, S, S); unreadable files: one-line errors
-    for start in range(0, len(args.images), args.batch_size):
-        out = caption(lm, vq, tok, None, images[start:start + args.batch_size], max_new_tokens=args.max_tokens,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        for path, text in zip(args.images[start:start + args.batch_size], out.captions):
-            print(f"{path}\t{text}")
+    pipe = ARPipeline.from_pretrained(_model_dir(args.model, "captioning"), device=_device(args.device),
+                                      purpose="captioning")
+    images = _load_images(args.images, pipe.image_size)  # (B, 3, S, S); unreadable files: one-line errors
+    texts = pipe.caption(images, max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    for path, text in zip(args.images, texts):
+        print(f"{path}\t{text}")
     return 0
 
 
@@ -1028,6 +997,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "regressed image embedding, 1 = none (default: the model's, else 2)")
     s.add_argument("--force-image", action="store_true", help="--method interleaved: open an image right after "
                    "the prompt (else the model decides)")
+    s.add_argument("--image", metavar="IMAGE", help="image-to-image: the decoder starts from this image, noised to "
+                   "--strength of its schedule, and draws the prompt")
+    s.add_argument("--strength", type=float, help="with --image: how much of the image is redrawn, in [0, 1] "
+                   "(1 = plain text-to-image, 0 = the image; default 0.75)")
     s.add_argument("--variations", metavar="IMAGE", help="generate variations of this image instead of a prompt")
     s.add_argument("--invert", action="store_true", help="variations start from the DDIM-inverted noise of the image")
     s.add_argument("--coarse-start", type=float, metavar="F",
@@ -1045,21 +1018,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one stage on an image-text dataset into a model directory.\n\n"
                        "Stages: tokenizer, clip, prior, decoder, sr, vqvae, lm, interleaved (those not in this\n"
                        "version say so). Finetune with --init DIR (or --init demo); LoRA: --set lora_rank=8.\n"
-                       "The recipe comes from --config (YAML, see configs/) with --set key=value overrides;\n"
+                       "The recipe comes from --config (a YAML file or a built-in name: tiny, demo-decoder, ...)\n"
+                       "with --set key=value overrides;\n"
                        "e.g. --set max_steps=500 --set data.image_size=64 --set model.size=small.\n"
                        "Multi-process: accelerate launch --config_file configs/accelerate/ddp.yaml -m genvl train ...\n\n"
                        "genvl train t2i --data DIR --out OUT [--init demo|DIR|scratch] [--budget 45m]: the whole\n"
-                       "text-to-image model (tokenizer and CLIP when needed, prior, decoder), each stage sized to\n"
+                       "text-to-image model (tokenizer and CLIP when needed, prior, decoder, upsampler with\n"
+                       "--superres N), each stage sized to\n"
                        "the data and the budget, one progress bar; the same command again resumes where it stopped.")
     t.add_argument("stage", choices=["t2i", "tokenizer", "clip", "prior", "decoder", "sr", "vqvae", "lm", "interleaved"],
                    help="what to train: t2i = the whole text-to-image model in one command; the others one stage")
     t.add_argument("--data", required=True, help="dataset: image folder (metadata.jsonl/csv or .txt captions) or .tar shards "
                    "(interleaved: also .jsonl documents; several sources joined with +)")
     t.add_argument("--out", required=True, help="output model directory (also holds checkpoints and logs)")
-    t.add_argument("--config", help="recipe YAML (default: the built-in tiny recipe)")
+    t.add_argument("--config", help="recipe: a YAML file, or the name of a built-in one (tiny, demo-clip, "
+                   "demo-decoder, ...: genvl/recipes/) (default: the trainer's defaults, a tiny model)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     t.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
-    t.add_argument("--init", help="model directory to start from (finetuning); 'demo' is the built-in demo model")
+    t.add_argument("--init", help="model directory to start from (finetuning); 'demo' is the built-in demo model "
+                   "(t2i: also 'scratch'; default demo, the README's measured recommendation)")
     t.add_argument("--overwrite", action="store_true", help="replace a trained component (or the tokenizer) "
                    "already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1067,7 +1044,10 @@ def build_parser() -> argparse.ArgumentParser:
     t2i.add_argument("--budget", help="wall-clock budget of all stages, e.g. 45m, 1h30m, 900s (default 45m)")
     t2i.add_argument("--lora-rank", type=int, help="LoRA rank of the prior and decoder when the base CLIP is kept "
                      "(default 0: full finetuning)")
-    t2i.add_argument("--size", type=int, help="image size of a new decoder (default: the base's, else 32)")
+    t2i.add_argument("--size", type=int, help="image size of a new decoder (default: the base's, else 32; a size "
+                     "other than the demo's 32 px makes --init default to scratch)")
+    t2i.add_argument("--superres", type=int, metavar="N", help="also train a super-resolution stage from the "
+                     "decoder's size to N px (e.g. 64 on a 32 px decoder; the images should be at least N px)")
     t2i.add_argument("--heldout", help="captioned folder for the final held-out metrics in the model card")
     t2i.add_argument("--clip", choices=["auto", "keep", "finetune"], help="with --init DIR: keep the base's CLIP "
                      "frozen, finetune it, or decide by measuring how well it separates the captions (default auto)")

@@ -36,6 +36,14 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""``."""
+    import difflib
+
+    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -49,7 +57,7 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def coerce_value(tp: Any, value: Any, where: str) -> Any:
     tp = _unwrap_optional(tp)
     if value is None:
         return None
@@ -82,7 +90,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (inner,) = typing.get_args(tp)[:1] or (Any,)
-        return type(value)(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)) if origin is list else tuple(value)
+        return type(value)(coerce_value(inner, v, f"{where}[{i}]") for i, v in enumerate(value)) if origin is list else tuple(value)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -99,8 +107,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+        hint = did_you_mean(unknown[0], names) if len(unknown) == 1 else ""
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}{hint}; known: {', '.join(sorted(names))}")
+    kwargs = {k: coerce_value(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -174,7 +183,7 @@ def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
                 break
         if parent_cls is not None and leaf not in node:
             known = ", ".join(sorted(node))
-            raise ConfigError(f"--set {key}: unknown key {leaf!r}; known: {known}")
+            raise ConfigError(f"--set {key}: unknown key {leaf!r}{did_you_mean(leaf, node)}; known: {known}")
         if parent_cls is not None and _unwrap_optional(_field_types(parent_cls)[leaf]) is str:
             value = raw.strip()  # keep text as typed: YAML would turn "no" into False
         node[leaf] = value

@@ -1,7 +1,7 @@
 """Copy a trained text-to-image model directory into genvl/assets/demo, the built-in demo model.
 
     python scripts/package_demo.py runs/demo genvl/assets/demo [--extra runs/demo-ar]
-        [--generation runs/demo-generation.json] [--half]
+        [--generation runs/demo-generation.json] [--half] [--grid configs/demo-prompts.txt]
 
 Only what sampling needs travels (components, tokenizer, genvl.json, the model card, and the
 evaluation sample grid); training logs and checkpoints stay in the run directory. ``--extra``
@@ -9,7 +9,9 @@ adds the components of another run directory that shares the tokenizer (the VQ-V
 with their measurements; a component the run already holds with the same weights (carried along by
 ``--init``) keeps the extra's measurement of it.
 ``--half`` stores floating-point weights as float16 (loading casts them back to float32), which
-halves the size. The card gets a description of how the model was built.
+halves the size. The card gets a description of how the model was built. ``--grid PROMPTS`` renders
+its sample grid anew at the model's default size (through the upsampler when there is one); the
+packaged demo itself can be the run, to add a component (``--extra``) to it.
 """
 
 from __future__ import annotations
@@ -104,6 +106,21 @@ def _vocabulary(path: Path) -> dict:
     return {k: v for k, v in data.items() if k not in ("padding", "truncation")}
 
 
+def _render_grid(root: Path, meta: dict, prompts: list[str], path: Path) -> int:
+    """4 images per prompt (one row each, seed 0) with the model's recommended settings; returns their size."""
+    from genvl.sampling.io import make_grid, to_pil_images
+    from genvl.sampling.unclip import UnclipComponents, text_to_image
+
+    write_meta(root, meta)
+    comps = UnclipComponents.from_model_dir(open_model_dir(root))
+    images = []
+    for prompt in prompts:
+        images += to_pil_images(text_to_image(comps, [prompt], num_images=4, seed=0, progress=False,
+                                              **meta.get("sampling", {})).images)
+    make_grid(images, ncols=4).save(path)
+    return images[0].size[0]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="trained model directory (clip + prior + decoder)")
@@ -112,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", action="append", default=[], help="another run directory whose components to add")
     ap.add_argument("--half", action="store_true", help="store float weights as float16")
     ap.add_argument("--summary", help="what the model draws (looked at), for the card's description")
+    ap.add_argument("--grid", metavar="PROMPTS", help="render the card's samples.png anew: the prompts of this file, "
+                    "4 images each, seed 0, the model's recommended settings and default size")
     args = ap.parse_args(argv)
     src, dest = Path(args.run), Path(args.dest)
     md = open_model_dir(src)
@@ -154,16 +173,29 @@ def main(argv=None) -> int:
     if args.half:
         _to_half(tmp)
     extra = ""
+    if not args.generation and (src / "samples.png").is_file():  # repackaging a packaged demo keeps its grid
+        shutil.copy(src / "samples.png", tmp / "samples.png")
+        extra = meta.get("description", "").partition("\n\n")[2]
+        extra = "\n\n" + extra if extra else ""
     if args.generation:
         grid = Path(args.generation).with_suffix(".png")
         if grid.is_file():
             shutil.copy(grid, tmp / "samples.png")
             extra = ("\n\n![evaluation prompts, 4 samples each](samples.png)\n\n"
                      "`samples.png`: the evaluation prompts (configs/demo-prompts.txt), one row each, seed 0.")
+    from genvl.checkpoint import load_component
+    from genvl.models.decoder import Decoder, SuperRes
+
+    dec_size = load_component(tmp / "decoder", Decoder).config.image_size
+    size = f"{dec_size} px"
+    if "sr" in meta["components"]:
+        sr = load_component(tmp / "sr", SuperRes)
+        size = (f"{sr.config.image_size} px (a {dec_size} px decoder, then a {sr.num_parameters / 1e6:.1f}M-parameter "
+                f"{dec_size} -> {sr.config.image_size} px super-resolution UNet; `--size {dec_size}` skips it)")
     meta["description"] = (
-        "The built-in demo of genvl: DALL-E 2 style text-to-image at 32 px, trained from scratch on the "
+        f"The built-in demo of genvl: DALL-E 2 style text-to-image at {size}, trained from scratch on the "
         "7,572 captioned emoji of `genvl data emoji` (Noto: Apache-2.0, Twemoji: CC-BY-4.0) with the recipes "
-        "`configs/demo-*.yaml`. " + (args.summary.strip() + " " if args.summary else "")
+        "`genvl/recipes/demo-*.yaml`. " + (args.summary.strip() + " " if args.summary else "")
         + _decoder_summary(meta, tmp) + " Prompts outside that domain give the nearest emoji it knows. "
         "Rebuild it with `bash scripts/build_demo.sh` (the commands below, one stage after another). "
         "Recommended sampling settings are in `genvl.json` (`sampling`); the prior draws "
@@ -172,6 +204,12 @@ def main(argv=None) -> int:
         "(`genvl sample --method ar`, `genvl caption`) and an Emu-style interleaved LM (`genvl sample "
         "--method interleaved`) trained on the same emoji." + extra
     )
+    if args.grid:
+        prompts = [ln.strip() for ln in Path(args.grid).read_text().splitlines() if ln.strip()]
+        out_px = _render_grid(tmp, meta, prompts, tmp / "samples.png")
+        extra = (f"\n\n![evaluation prompts, 4 samples each](samples.png)\n\n`samples.png`: the evaluation prompts "
+                 f"({args.grid}), one row each, seed 0, at the default {out_px} px.")
+    meta["description"] = meta["description"].partition("\n\n")[0] + extra
     write_meta(tmp, meta)
     write_model_card(tmp, meta)
     size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 2**20

@@ -1,4 +1,4 @@
-"""Shared fixtures: small synthetic image-caption sets written to disk."""
+"""Shared fixtures: small synthetic image-caption sets written to disk, and tiny random model directories."""
 
 from __future__ import annotations
 
@@ -62,3 +62,45 @@ def write_shapes_folder(root: Path, n_per_pair: int = 1, size: int = 32, jitter:
 def shapes_dir(tmp_path) -> Path:
     """32 unique (colour, shape) pairs at 32 px."""
     return write_shapes_folder(tmp_path / "shapes")
+
+
+TINY_PARTS = ("clip", "prior", "decoder", "vqvae", "lm")
+
+
+def build_tiny_model(path: Path, parts: tuple[str, ...] = TINY_PARTS, *, sr: bool = False,
+                     sampling: dict | None = None, training: dict | None = None) -> Path:
+    """A random model directory (about a second on a CPU): an 8-token text tower, a 16 px decoder
+    (``sr``: and a 16 -> 32 px super-resolution stage), a VQ-VAE and token LM, one tokenizer;
+    ``sampling``: the recommended settings written into its genvl.json."""
+    import torch
+
+    from genvl.checkpoint import save_model_dir
+    from genvl.models.clip import CLIP, clip_config
+    from genvl.models.decoder import Decoder, SuperRes, decoder_config, superres_config
+    from genvl.models.lm import TokenLM, lm_config
+    from genvl.models.prior import DiffusionPrior, prior_config
+    from genvl.tokenizers.text import train_text_tokenizer
+    from genvl.tokenizers.vqvae import VQVAE, vqvae_config
+
+    torch.manual_seed(0)
+    tok = train_text_tokenizer(["a red circle", "a blue square", "a green cross"] * 5, vocab_size=300,
+                               model_max_length=8)
+    make = {
+        "clip": lambda: CLIP(clip_config("tiny", text={"vocab_size": len(tok), "max_position_embeddings": 8,
+                                                       "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3})),
+        "prior": lambda: DiffusionPrior(prior_config("tiny", text_len=8)),
+        "decoder": lambda: Decoder(decoder_config("tiny", image_size=16, block_out_channels=[16, 32],
+                                                  attention_head_dim=16, cross_attention_dim=16, norm_num_groups=4)),
+        "vqvae": lambda: VQVAE(vqvae_config("tiny")),
+        "lm": lambda: TokenLM(lm_config("tiny", text_vocab_size=len(tok), codebook_size=64, image_tokens=16,
+                                        text_len=8)),
+    }
+    comps = {name: make[name]() for name in parts}
+    if sr:
+        comps["sr"] = SuperRes(superres_config("tiny", image_size=32, low_res_size=16))
+    save_model_dir(path, comps, tokenizer=tok, training=training)
+    if sampling is not None:
+        meta = json.loads((path / "genvl.json").read_text())
+        meta["sampling"] = sampling
+        (path / "genvl.json").write_text(json.dumps(meta, indent=2))
+    return path

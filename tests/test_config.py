@@ -29,13 +29,32 @@ def test_bad_values_name_the_problem(item, msg):
         apply_overrides(TrainConfig(), [item])
 
 
-def test_repo_recipes_load():
-    from pathlib import Path
+def test_builtin_recipes_load_and_their_model_keys_check():
+    from genvl.training.config import RECIPES_DIR, recipe_names
+    from genvl.training.tasks import check_recipe
 
-    recipes = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
-    assert recipes, "configs/*.yaml missing"
-    for p in recipes:
-        load_config(TrainConfig, p).validate()
+    names = recipe_names()
+    assert "tiny" in names and "demo-decoder" in names and "demo-sr" in names
+    for name in names:
+        cfg = load_config(TrainConfig, RECIPES_DIR / f"{name}.yaml")
+        cfg.validate()
+        parts = name.split("-")
+        stages = ("clip", "prior", "decoder", "sr", "vqvae", "lm", "interleaved")
+        stage = next((part for part in parts if part in stages), "clip")  # demo-decoder-prior: a decoder recipe
+        check_recipe(stage, cfg)  # every key of its model section is one its stage knows
+
+
+def test_recipes_by_name_after_a_plain_install(tmp_path):
+    from genvl.training.config import RECIPES_DIR, resolve_recipe
+
+    assert resolve_recipe("tiny") == RECIPES_DIR / "tiny.yaml"
+    assert resolve_recipe("configs/demo-decoder.yaml") == RECIPES_DIR / "demo-decoder.yaml"  # an older clone's path
+    mine = tmp_path / "tiny.yaml"
+    mine.write_text("max_steps: 3\n")
+    assert resolve_recipe(mine) == mine  # a file of that name wins
+    with pytest.raises(ConfigError, match="no built-in recipe 'demo-decodr' \\(did you mean 'demo-decoder'\\?\\)"):
+        resolve_recipe("demo-decodr")
+    assert not str(RECIPES_DIR).startswith(str(tmp_path))
 
 
 def test_unknown_yaml_key_is_an_error(tmp_path):

@@ -674,10 +674,11 @@ class SuperRes(ConfigModule):
     def dtype(self) -> torch.dtype:
         return self.unet.conv_in.weight.dtype
 
-    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) -> (B, 3, H, W) bicubic, the conditioning image the UNet sees."""
+    def upsample(self, low_res: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 3, h, w) -> (B, 3, H, W) bicubic, the conditioning image the UNet sees (``size``: (H, W),
+        default the model's image size)."""
         S = self.config.image_size
-        return F.interpolate(low_res, size=(S, S), mode="bicubic", align_corners=False)
+        return F.interpolate(low_res, size=size or (S, S), mode="bicubic", align_corners=False)
 
     def forward(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, low_res: torch.Tensor, aug_level: torch.Tensor,
@@ -698,17 +699,22 @@ class SuperRes(ConfigModule):
         """
         c = self.config
         B = noisy.shape[0]
-        S = c.image_size
-        if noisy.shape != (B, 3, S, S):
+        S, s = c.image_size, c.low_res_size
+        # A convolutional upsampler (attention_levels 0) also takes crops (H, W) of the full image, with
+        # the low-res crop at the same scale (training on crops is ~4x cheaper, as DALL-E 2's upsamplers).
+        full = noisy.shape == (B, 3, S, S)
+        if noisy.ndim != 4 or noisy.shape[1] != 3 or (not full and c.attention_levels > 0):
             raise ValueError(f"super-resolution expects noisy images of shape ({B}, 3, {S}, {S}), got {tuple(noisy.shape)}")
-        if low_res.ndim != 4 or low_res.shape[:2] != (B, 3):
-            raise ValueError(f"super-resolution expects low_res of shape ({B}, 3, h, w), got {tuple(low_res.shape)}")
+        H, W = noisy.shape[-2:]
+        if low_res.ndim != 4 or low_res.shape[:2] != (B, 3) or low_res.shape[-2] * S != H * s or low_res.shape[-1] * S != W * s:
+            raise ValueError(f"super-resolution expects low_res of shape ({B}, 3, {H * s // S}, {W * s // S}) for noisy "
+                             f"images of {H}x{W}, got {tuple(low_res.shape)}")
         dtype = self.dtype
         if not torch.is_tensor(timesteps) or timesteps.ndim == 0:
             timesteps = torch.as_tensor(timesteps, device=noisy.device).long().expand(B)  # (B,)
         if not torch.is_tensor(aug_level) or aug_level.ndim == 0:
             aug_level = torch.as_tensor(aug_level, device=noisy.device).long().expand(B)  # (B,)
-        cond = self.upsample(low_res.to(dtype))  # (B, 3, H, W)
+        cond = self.upsample(low_res.to(dtype), (H, W))  # (B, 3, H, W)
         x = torch.cat([noisy.to(dtype), cond], dim=1)  # (B, 6, H, W)
         out = self.unet(x, timesteps, class_labels=aug_level).sample  # (B, 3, H, W) v or epsilon
         if raw:

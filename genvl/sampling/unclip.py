@@ -511,6 +511,8 @@ def sample_decoder(
     eta: float = 0.0,
     progress: Progress = None,
     coarse_start: float = 1.0,
+    start_image: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Decode CLIP image embeddings into images (epsilon-prediction pixel diffusion).
 
@@ -536,6 +538,11 @@ def sample_decoder(
             last ``round(steps * coarse_start)`` steps run (SDEdit, Meng et al. 2021,
             arXiv:2108.01073). The layout then comes from the embedding, the detail from the
             diffusion. 1 = from pure noise.
+        start_image: image-to-image (SDEdit): (B, 3, H, W) in [-1, 1] (resized to the decoder's
+            size) noised to ``strength`` of the schedule, then the last ``round(steps * strength)``
+            steps run. ``strength`` 1 ignores it (exactly the pure-noise path, same noise), 0
+            returns it (through the decoder's VQ-VAE for a latent decoder).
+        strength: in [0, 1], with ``start_image``.
 
     Returns:
         (B, 3, H, W) images in [-1, 1], H = W = ``decoder.config.image_size``.
@@ -552,6 +559,13 @@ def sample_decoder(
                              "this one has none: leave coarse_start at 1")
         if init_noise is not None:
             raise GenvlError("give init_noise or coarse_start < 1, not both: both set where sampling starts")
+    if start_image is not None:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise GenvlError(f"strength must be in [0, 1] (1 = from pure noise), got {strength!r}")
+        if init_noise is not None or coarse_start < 1.0:
+            raise GenvlError("start_image does not go with init_noise or coarse_start < 1: each sets where sampling starts")
+        if strength >= 1.0:
+            start_image = None  # from pure noise: exactly text-to-image
     if image_embeds.ndim != 2 or image_embeds.shape[1] != cfg.embed_dim:
         raise GenvlError(
             f"size mismatch: the decoder takes image embeddings of shape (B, {cfg.embed_dim}), got {tuple(image_embeds.shape)}"
@@ -582,7 +596,19 @@ def sample_decoder(
 
     sched = _make_scheduler(decoder, scheduler, steps, device)
     timesteps = sched.timesteps
-    if init_noise is not None:
+    if start_image is not None:
+        pixels = _check_pixels(start_image.float(), "start_image")
+        if pixels.shape[0] != B:
+            raise GenvlError(f"start_image has {pixels.shape[0]} image(s) for {B} embedding(s)")
+        x0 = _decoder_encode(decoder, _resize(pixels.to(device), cfg.image_size).to(dtype)).float()  # (B, C, s, s)
+        if strength <= 0.0:
+            return _decoder_decode(decoder, x0.to(dtype))
+        first = steps - decoder_steps(steps, strength)
+        timesteps = timesteps[first:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(first)
+        x = sched.add_noise(x0, _randn(shape, generator, device), timesteps[:1].repeat(B))  # (B, C, s, s) x_t
+    elif init_noise is not None:
         if tuple(init_noise.shape) != shape:
             raise GenvlError(f"size mismatch: init_noise must have shape {shape}, got {tuple(init_noise.shape)}")
         x = init_noise.to(device).float()  # x_T as given
@@ -777,6 +803,8 @@ def text_to_image(
     device: str | torch.device | None = None,
     progress: Progress = None,
     coarse_start: float = 1.0,
+    image=None,
+    strength: float = 1.0,
 ) -> UnclipOutput:
     """Text -> CLIP image embedding (prior) -> image (decoder) [-> super-res].
 
@@ -801,6 +829,9 @@ def text_to_image(
         progress: None, True (tqdm) or a callable(stage, step, total).
         coarse_start: below 1, the decoder starts from its coarse layout prediction noised to
             that fraction of the schedule (see :func:`sample_decoder`); 1 = from pure noise.
+        image: image-to-image: one image for all prompts or one per prompt (a tensor in [-1, 1] or
+            PIL); the decoder starts from it noised to ``strength`` (see :func:`sample_decoder`).
+        strength: in [0, 1] with ``image``: 1 = text-to-image (the image is ignored), 0 = the image.
 
     Returns:
         UnclipOutput(images (P*n, 3, H, W) in [-1, 1], image_embeds (P*n, D), low_res, seed, settings).
@@ -834,9 +865,17 @@ def text_to_image(
     states = mask = None
     if getattr(decoder.config, "text_width", 0):
         states, mask = text.token_states, text.attention_mask  # the decoder also reads the caption's tokens
+    start = None
+    if image is not None:
+        start = _as_pixels(image, size=decoder.config.image_size)  # (1 or P, 3, H, W)
+        if start.shape[0] not in (1, len(prompts)):
+            raise GenvlError(f"image-to-image takes one image or one per prompt; got {start.shape[0]} for "
+                             f"{len(prompts)} prompt(s)")
+        start = start.repeat_interleave(len(z) // start.shape[0], dim=0)  # (P*n, 3, H, W)
     images = sample_decoder(
         decoder, z, steps=steps, guidance=guidance, scheduler=scheduler, generator=gen,
         text_states=states, text_mask=mask, progress=progress, coarse_start=coarse_start,
+        start_image=start, strength=strength,
     )
     low_res = None
     if superres and components.sr is not None:
@@ -852,6 +891,8 @@ def text_to_image(
     )
     if coarse_start < 1.0:
         settings["coarse_start"] = coarse_start
+    if image is not None:
+        settings["strength"] = strength
     if low_res is not None:
         settings.update(sr_steps=sr_steps, sr_aug_level=sr_aug_level)
     return UnclipOutput(images=images, image_embeds=z, low_res=low_res, seed=seed, settings=settings)

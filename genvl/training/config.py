@@ -1,8 +1,12 @@
-"""The training recipe: one dataclass for every stage, loaded from ``configs/*.yaml``."""
+"""The training recipe: one dataclass for every stage, loaded from ``genvl/recipes/*.yaml``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The recipes that ship with genvl (``--config NAME``): ``tiny`` and the built-in demo's ``demo-*``.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @dataclass
@@ -102,3 +106,27 @@ class TrainConfig:
             if importlib.util.find_spec("xformers") is None:
                 raise ConfigError("bad training config: attention=xformers needs the xformers package "
                                   "(pip install xformers); attention=sdpa needs nothing")
+
+
+def recipe_names() -> list[str]:
+    """Names of the built-in recipes (``genvl train STAGE --config NAME``)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(spec: str | Path) -> Path:
+    """A recipe file: ``spec`` itself when it is a file, else the built-in recipe of that name
+    (``tiny``, ``demo-decoder``; ``configs/tiny.yaml``, the path in a clone of earlier versions, also
+    finds ``tiny``)."""
+    from genvl.config import did_you_mean
+    from genvl.errors import ConfigError
+
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
+    builtin = RECIPES_DIR / f"{name}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = recipe_names()
+    raise ConfigError(f"--config {spec}: no such file, and no built-in recipe {name!r}{did_you_mean(name, names)}; "
+                      f"built-in: {', '.join(names)}")

@@ -125,7 +125,8 @@ def sample_defaults(md, method: str = "unclip") -> dict[str, Any]:
     The command line's defaults, with the model directory's recommended ones (``genvl.json``
     "sampling") filled in exactly as ``genvl sample`` does.
     """
-    from genvl.cli import SAMPLE_DEFAULTS, _fill_sample_defaults, build_parser
+    from genvl.cli import _fill_sample_defaults, build_parser
+    from genvl.pipelines.base import SAMPLE_DEFAULTS
 
     args = build_parser().parse_args(["sample", "-"])
     recommended = md.meta.get("sampling", {})
@@ -157,8 +158,8 @@ class StepTracker:
         self.report(min(frac, 1.0), f"{stage}: step {step} of {total}")
 
 
-def _sr_steps(comps) -> int:
-    return 25 if comps.sr is not None else 0  # the pipelines' default sr_steps
+def _sr_steps(pipe) -> int:
+    return 25 if pipe.components.sr is not None else 0  # the pipelines' default sr_steps
 
 
 # ------------------------------------------------------------------------------------- results
@@ -332,13 +333,9 @@ class GenerationMethod:
 
 
 def _load_unclip(md, dev: str):
-    from genvl.sampling.unclip import UnclipComponents
+    from genvl.pipelines import UnclipPipeline
 
-    return UnclipComponents.from_model_dir(md, device=dev)
-
-
-# Text-to-image settings of genvl sample that the page passes through unchanged (when the command line has them).
-_UNCLIP_FIXED = ("prior_candidates", "coarse_start")
+    return UnclipPipeline.from_pretrained(md, device=dev)
 
 
 def _coarse(s: dict, invert: bool = False) -> float:
@@ -346,49 +343,32 @@ def _coarse(s: dict, invert: bool = False) -> float:
     return 1.0 if invert else float(s.get("coarse_start", 1.0))
 
 
-def _run_unclip(comps, md, prompt: str, s: dict, tracker: StepTracker) -> Generation:
+def _run_unclip(pipe, md, prompt: str, s: dict, tracker: StepTracker) -> Generation:
     from genvl.sampling import unclip
-    from genvl.sampling.io import to_pil_images
 
     t0 = time.perf_counter()
-    # settings the page has no box for, as genvl sample uses them without options (e.g. prior_candidates)
-    fixed = {k: s[k] for k in _UNCLIP_FIXED if k in s}
-    if fixed.get("coarse_start", 0.0) >= 1.0:
-        del fixed["coarse_start"]  # from pure noise: as genvl sample, not recorded
-    tracker.expected = s["prior_steps"] + unclip.decoder_steps(s["steps"], _coarse(s)) + _sr_steps(comps)
-    out = unclip.text_to_image(comps, [prompt], num_images=s["num_images"], steps=s["steps"],
-                               prior_steps=s["prior_steps"], guidance=s["guidance"],
-                               prior_guidance=s["prior_guidance"], scheduler=s["scheduler"], seed=s["seed"],
-                               progress=tracker, **fixed)
-    meta = {"model": str(md.path), "method": "unclip", "seed": s["seed"], "steps": s["steps"],
-            "guidance": s["guidance"], "scheduler": s["scheduler"], "prompt": prompt, "prior_steps": s["prior_steps"],
-            "prior_guidance": s["prior_guidance"], **fixed}
-    images = to_pil_images(out.images)
-    return Generation(images, [{**meta, "index": i} for i in range(len(images))], time.perf_counter() - t0)
+    # settings the page has no box for (prior candidates, coarse start) are the model's, as in genvl sample
+    tracker.expected = s["prior_steps"] + unclip.decoder_steps(s["steps"], _coarse(s)) + _sr_steps(pipe)
+    out = pipe(prompt, num_images=s["num_images"], steps=s["steps"], prior_steps=s["prior_steps"],
+               guidance=s["guidance"], prior_guidance=s["prior_guidance"], scheduler=s["scheduler"], seed=s["seed"],
+               callback=tracker)
+    return Generation(out.images, [{**out.settings, "index": i} for i in range(len(out.images))],
+                      time.perf_counter() - t0)
 
 
 def _load_ar(md, dev: str):
-    from genvl.cli import _ar_parts
+    from genvl.pipelines import ARPipeline
 
-    _, lm, vq, tok = _ar_parts(str(md.path), dev, "autoregressive generation")
-    return lm, vq, tok
+    return ARPipeline.from_pretrained(md, device=dev)
 
 
-def _run_ar(parts, md, prompt: str, s: dict, tracker: StepTracker) -> Generation:
-    from genvl.sampling.autoregressive import check_sampling, text_to_image
-    from genvl.sampling.io import to_pil_images
-
-    lm, vq, tok = parts
-    check_sampling(s["temperature"], s["top_k"], s["top_p"])
+def _run_ar(pipe, md, prompt: str, s: dict, tracker: StepTracker) -> Generation:
     t0 = time.perf_counter()
-    tracker.expected = vq.tokens_per_image
-    out = text_to_image(lm, vq, tok, None, [prompt], num_images=s["num_images"], guidance=s["guidance"],
-                        temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"],
-                        progress=tracker)
-    meta = {"model": str(md.path), "method": "ar", "prompt": prompt, "seed": s["seed"], "guidance": s["guidance"],
-            "temperature": s["temperature"], "top_k": s["top_k"], "top_p": s["top_p"]}
-    images = to_pil_images(out.images)
-    return Generation(images, [{**meta, "index": i} for i in range(len(images))], time.perf_counter() - t0)
+    tracker.expected = pipe.vq.tokens_per_image
+    out = pipe(prompt, num_images=s["num_images"], guidance=s["guidance"], temperature=s["temperature"],
+               top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"], callback=tracker)
+    return Generation(out.images, [{**out.settings, "index": i} for i in range(len(out.images))],
+                      time.perf_counter() - t0)
 
 
 # The generation methods, in the order the page lists them. To add one (interleaved generation:
@@ -486,63 +466,49 @@ INTERPOLATION_OPTIONS = ("frames", "steps", "prior_steps", "guidance", "prior_gu
 
 
 def load_unclip(md, dev: str):
-    """The unCLIP parts (clip, tokenizer, prior, decoder, super-res) of a model directory."""
+    """The unCLIP pipeline (clip, tokenizer, prior, decoder, super-res) of a model directory."""
     return _load_unclip(md, dev)
 
 
-def variations(comps, md, name: str, image: Image.Image, s: dict, tracker: StepTracker) -> Generation:
+def variations(pipe, md, name: str, image: Image.Image, s: dict, tracker: StepTracker) -> Generation:
     """Variations of an uploaded image (``genvl sample --variations IMAGE``)."""
     from genvl.sampling import unclip
-    from genvl.sampling.io import to_pil_images
 
     check_settings(s, ("seed", *VARIATION_OPTIONS))
     t0 = time.perf_counter()
     coarse = _coarse(s, invert=bool(s["invert"]))
-    tracker.expected = unclip.decoder_steps(s["steps"], coarse) + (50 if s["invert"] else 0) + _sr_steps(comps)
-    out = unclip.variations(comps, image, num_images=s["num_images"], steps=s["steps"], guidance=s["guidance"],
-                            scheduler=s["scheduler"], seed=s["seed"], invert=bool(s["invert"]), progress=tracker,
-                            coarse_start=coarse)
-    meta = {"model": str(md.path), "method": "unclip", "seed": s["seed"], "steps": s["steps"],
-            "guidance": s["guidance"], "scheduler": s["scheduler"], "variations_of": name, "invert": bool(s["invert"])}
-    if coarse < 1.0:
-        meta["coarse_start"] = coarse
-    images = to_pil_images(out.images)
-    return Generation(images, [{**meta, "index": i} for i in range(len(images))], time.perf_counter() - t0)
+    tracker.expected = unclip.decoder_steps(s["steps"], coarse) + (50 if s["invert"] else 0) + _sr_steps(pipe)
+    out = pipe.variations(image, num_images=s["num_images"], steps=s["steps"], guidance=s["guidance"],
+                          scheduler=s["scheduler"], seed=s["seed"], invert=bool(s["invert"]), callback=tracker)
+    meta = {**out.settings, "variations_of": name}
+    return Generation(out.images, [{**meta, "index": i} for i in range(len(out.images))], time.perf_counter() - t0)
 
 
 def _endpoint_label(e: Endpoint) -> str:
     return e if isinstance(e, str) else e[0]
 
 
-def interpolation(comps, md, a: Endpoint, b: Endpoint, s: dict, tracker: StepTracker) -> Generation:
+def interpolation(pipe, md, a: Endpoint, b: Endpoint, s: dict, tracker: StepTracker) -> Generation:
     """Frames between two prompts or images in CLIP space (``genvl sample --interpolate A B``).
 
     Args:
         a, b: a prompt, or (file name, image).
     """
     from genvl.sampling import unclip
-    from genvl.sampling.io import to_pil_images
 
     a = check_prompt(a, "prompt A") if isinstance(a, str) or a is None else a
     b = check_prompt(b, "prompt B") if isinstance(b, str) or b is None else b
     check_settings(s, ("seed", *INTERPOLATION_OPTIONS))
     t0 = time.perf_counter()
     prompts = sum(isinstance(e, str) for e in (a, b))
-    coarse = _coarse(s)
-    tracker.expected = prompts * s["prior_steps"] + unclip.decoder_steps(s["steps"], coarse) + _sr_steps(comps)
-    out = unclip.interpolate(comps, a if isinstance(a, str) else a[1], b if isinstance(b, str) else b[1],
-                             frames=s["frames"], steps=s["steps"], guidance=s["guidance"],
-                             prior_steps=s["prior_steps"], prior_guidance=s["prior_guidance"],
-                             scheduler=s["scheduler"], seed=s["seed"], progress=tracker, coarse_start=coarse)
-    frames = to_pil_images(out.images)
-    meta = {"model": str(md.path), "method": "unclip", "seed": s["seed"], "steps": s["steps"],
-            "guidance": s["guidance"], "scheduler": s["scheduler"],
-            "interpolate": [_endpoint_label(a), _endpoint_label(b)], "frames": s["frames"],
-            "prior_steps": s["prior_steps"], "prior_guidance": s["prior_guidance"]}
-    if coarse < 1.0:
-        meta["coarse_start"] = coarse
-    return Generation(frames, [{**meta, "index": i} for i in range(len(frames))], time.perf_counter() - t0,
-                      gif=gif_bytes(frames))
+    tracker.expected = prompts * s["prior_steps"] + unclip.decoder_steps(s["steps"], _coarse(s)) + _sr_steps(pipe)
+    out = pipe.interpolate(a if isinstance(a, str) else a[1], b if isinstance(b, str) else b[1], frames=s["frames"],
+                           steps=s["steps"], guidance=s["guidance"], prior_steps=s["prior_steps"],
+                           prior_guidance=s["prior_guidance"], scheduler=s["scheduler"], seed=s["seed"],
+                           callback=tracker)
+    meta = {**out.settings, "interpolate": [_endpoint_label(a), _endpoint_label(b)]}
+    return Generation(out.images, [{**meta, "index": i} for i in range(len(out.images))], time.perf_counter() - t0,
+                      gif=gif_bytes(out.images))
 
 
 # -------------------------------------------------------------------------------- classification

@@ -44,13 +44,18 @@ def test_default_sample_uses_the_demo(tmp_path, capsys):
     assert meta["model"] == str(DEMO) and meta["prompt"] == "a red heart"
     pixels = np.asarray(Image.open(out).convert("RGB"))
     md = open_model_dir(DEMO)
-    size = md.load("decoder").config.image_size
+    base = md.load("decoder").config.image_size
+    size = md.load("sr").config.image_size if md.has("sr") else base
+    assert size >= 64  # the default picture goes through the upsampler
     assert pixels.shape == (size, size, 3) and pixels.std() > 5  # an image, not a flat colour
+    small = tmp_path / "base.png"  # the decoder's own size stays available
+    assert main(args[:3] + [str(small)] + args[4:] + ["--size", str(base)]) == 0
+    assert np.asarray(Image.open(small).convert("RGB")).shape == (base, base, 3)
 
 
 def _tiny_run(path: Path, names: tuple[str, ...], tok) -> None:
     from genvl.models.clip import CLIP, clip_config
-    from genvl.models.decoder import Decoder, decoder_config
+    from genvl.models.decoder import Decoder, SuperRes, decoder_config, superres_config
     from genvl.models.prior import DiffusionPrior, prior_config
 
     make = {
@@ -58,6 +63,7 @@ def _tiny_run(path: Path, names: tuple[str, ...], tok) -> None:
                                                        "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3})),
         "prior": lambda: DiffusionPrior(prior_config("tiny", embed_dim=32, text_width=32, text_len=8)),
         "decoder": lambda: Decoder(decoder_config("tiny", image_size=16)),
+        "sr": lambda: SuperRes(superres_config("tiny", image_size=32, low_res_size=16)),
     }
     save_model_dir(path, {n: make[n]() for n in names}, tokenizer=tok)
 
@@ -71,17 +77,16 @@ def test_package_demo_script(tmp_path):
     _tiny_run(run, ("clip", "prior", "decoder"), tok)
     (run / "train").mkdir()
     (run / "train" / "big.bin").write_bytes(b"0" * 1000)  # training leftovers stay behind
-    _tiny_run(extra, ("clip",), tok)  # shares the tokenizer; its clip is skipped (the run has one)
-    meta = json.loads((extra / "genvl.json").read_text())
-    meta["components"]["sr"] = meta["components"]["clip"]  # stand-in for an extra component
-    (extra / "genvl.json").write_text(json.dumps(meta))
-    import shutil
-
-    shutil.copytree(extra / "clip", extra / "sr")
+    _tiny_run(extra, ("clip", "sr"), tok)  # shares the tokenizer; its clip is skipped (the run has one)
     dest = tmp_path / "demo"
     script = ROOT / "scripts" / "package_demo.py"
-    res = subprocess.run([sys.executable, str(script), str(run), str(dest), "--extra", str(extra), "--half"],
-                         capture_output=True, text=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red heart\na cat face\n")
+    meta = json.loads((run / "genvl.json").read_text())
+    meta["sampling"] = {"steps": 3, "prior_steps": 2}
+    (run / "genvl.json").write_text(json.dumps(meta))
+    res = subprocess.run([sys.executable, str(script), str(run), str(dest), "--extra", str(extra), "--half",
+                          "--grid", str(prompts)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert not (dest / "train").exists() and (dest / "README.md").is_file()
     md = open_model_dir(dest)
@@ -90,7 +95,10 @@ def test_package_demo_script(tmp_path):
     for k, v in full.state_dict().items():  # float16 storage, float32 again after loading
         assert half.state_dict()[k].dtype == v.dtype
         torch.testing.assert_close(half.state_dict()[k], v, atol=1e-3, rtol=1e-3)
-    assert "built-in demo" in md.card
+    assert "built-in demo" in md.card and "at 32 px (a 16 px decoder, then a" in md.card
+    with Image.open(dest / "samples.png") as im:  # 2 prompts x 4 images at the upsampler's 32 px
+        assert im.size[0] >= 4 * 32 and 2 * 32 <= im.size[1] < 3 * 32
+    assert "at the default 32 px" in md.card
 
     other = tmp_path / "other"  # another tokenizer cannot join
     _tiny_run(other, ("clip",), train_text_tokenizer(["x y z"] * 5, vocab_size=280, model_max_length=8))

@@ -249,3 +249,27 @@ def test_mixture_layout_path_keeps_both_modes_where_a_regression_blurs_them():
     assert (picked[1] - mean).pow(2).mean() < 0.01  # the regression blurs
     nearest = min((picked[2] - a).pow(2).mean(), (picked[2] - b).pow(2).mean())
     assert nearest < 0.01 and (picked[2] - mean).pow(2).mean() > 0.2
+
+
+def test_convolutional_superres_takes_crops_at_the_same_scale():
+    """A crop of the input gives (away from the crop's borders) what the whole image gives there."""
+    torch.manual_seed(0)
+    m = SuperRes(superres_config("tiny")).eval()  # 16 -> 32 px, no attention
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 32, 32, generator=g)
+    lo = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    t, aug = torch.tensor([300]), torch.tensor([0])
+    with torch.no_grad():
+        whole = m(x, t, lo, aug)
+        crop = m(x[..., :16, :16], t, lo[..., :8, :8], aug)
+    assert crop.shape == (1, 3, 16, 16)
+    assert torch.isfinite(crop).all()
+    # the crop's top-left quarter is far from the cut (the UNet's receptive field reaches past it at the
+    # bottom / right edge, so only the inner part is compared, loosely)
+    inner = (crop - whole[..., :16, :16])[..., :4, :4].abs().mean()
+    assert inner < 0.5 * (crop - whole[..., 16:, 16:]).abs().mean()
+    with pytest.raises(ValueError, match="low_res of shape"):
+        m(x[..., :16, :16], t, lo, aug)  # a whole low-res image for a crop
+    attn = SuperRes(superres_config("tiny", attention_levels=1)).eval()
+    with pytest.raises(ValueError, match="noisy images of shape"):
+        attn(x[..., :16, :16], t, lo[..., :8, :8], aug)  # attention layers need the whole image

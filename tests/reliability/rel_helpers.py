@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_shapes_folder
+from conftest import build_tiny_model, write_shapes_folder  # noqa: F401 (re-exported)
 
 HERE = Path(__file__).parent
 WORKER = HERE / "worker.py"
@@ -48,30 +48,6 @@ def small_shapes(root: Path, n: int = 16) -> Path:
         (root / r["file_name"]).unlink()
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
     return root
-
-
-def build_tiny_model(path: Path) -> Path:
-    """A random model directory with every component (clip, prior, decoder, vqvae, lm) and an 8-token text tower."""
-    from genvl.checkpoint import save_model_dir
-    from genvl.models.clip import CLIP, clip_config
-    from genvl.models.decoder import Decoder, decoder_config
-    from genvl.models.lm import TokenLM, lm_config
-    from genvl.models.prior import DiffusionPrior, prior_config
-    from genvl.tokenizers.text import train_text_tokenizer
-    from genvl.tokenizers.vqvae import VQVAE, vqvae_config
-
-    torch.manual_seed(0)
-    tok = train_text_tokenizer(["a red circle", "a blue square", "a green cross"] * 5, vocab_size=300,
-                               model_max_length=8)
-    clip = CLIP(clip_config("tiny", text={"vocab_size": len(tok), "max_position_embeddings": 8, "pad_token_id": 0,
-                                          "bos_token_id": 2, "eos_token_id": 3}))
-    prior = DiffusionPrior(prior_config("tiny", text_len=8))
-    decoder = Decoder(decoder_config("tiny", image_size=16, block_out_channels=[16, 32], attention_head_dim=16,
-                                     cross_attention_dim=16, norm_num_groups=4))
-    vq = VQVAE(vqvae_config("tiny"))
-    lm = TokenLM(lm_config("tiny", text_vocab_size=len(tok), codebook_size=64, image_tokens=16, text_len=8))
-    save_model_dir(path, {"clip": clip, "prior": prior, "decoder": decoder, "vqvae": vq, "lm": lm}, tokenizer=tok)
-    return path
 
 
 # ------------------------------------------------------------------------------------ checkpoints

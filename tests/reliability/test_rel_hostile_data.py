@@ -24,7 +24,6 @@ from genvl.limits import MAX_CAPTION_CHARS, MAX_LINE_BYTES
 from genvl.tokenizers.text import train_text_tokenizer
 from rel_helpers import spawn, wait
 
-REPO = Path(__file__).parents[2]
 HUGE = {"a.txt": "a" * 2**20, "word.txt": "word " * 200_000}  # the two captions of the report, 1 MB each
 
 
@@ -81,12 +80,12 @@ def test_data_check_flags_megabyte_captions(tmp_path):
 
 
 def test_training_on_a_folder_with_megabyte_captions_finishes(tmp_path):
-    """The report's command: genvl train clip --config configs/tiny.yaml --set max_steps=4, in a real process."""
+    """The report's command: genvl train clip --config tiny --set max_steps=4, in a real process."""
     root = with_huge_captions(txt_folder(tmp_path / "d", n=32))
     go, log = tmp_path / "go", tmp_path / "train.log"
     go.touch()
     argv = ["train", "clip", "--data", str(root), "--out", str(tmp_path / "run"), "--config",
-            str(REPO / "configs" / "tiny.yaml"), "--set", "max_steps=4", "--no-progress"]
+            "tiny", "--set", "max_steps=4", "--no-progress"]
     t = time.perf_counter()
     code = wait(spawn("sample", log, argv=argv, go=str(go)), timeout=120)  # minutes before the fix
     assert code == 0, (tmp_path / "train.log.err").read_text()[-2000:]

@@ -159,6 +159,24 @@ def test_superres_trains_and_keeps_other_components(shapes_dir, clip_dir, tmp_pa
     assert (sr.config.image_size, sr.config.low_res_size) == (64, 32)
 
 
+def test_superres_trains_on_aligned_crops(shapes_dir, tmp_path):
+    task = SuperResTask(cfg("max_steps=2", "model.train_crop=16"))
+    sr = task.build(open_image_text(shapes_dir, image_size=32), None)
+    assert task.train_crop == 16
+    px = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    crops = task.crop(px, 16, 2)
+    assert crops.shape == (2, 3, 16, 16)
+    for c, full in zip(crops, px):  # each crop is a window of its own image, its corner on even pixels
+        y, x = divmod(int(c[0, 0, 0].item()) % (32 * 32), 32)
+        assert y % 2 == 0 and x % 2 == 0 and torch.equal(c, full[:, y:y + 16, x:x + 16])
+    loss, _ = task.loss(sr, {"pixel_values": torch.rand(4, 3, 32, 32) * 2 - 1})
+    assert torch.isfinite(loss)
+    res = train(SuperResTask(cfg("max_steps=2", "model.train_crop=16")), shapes_dir, tmp_path / "c", progress=False)
+    assert res.step == 2 and open_model_dir(tmp_path / "c").load("sr").config.image_size == 32  # samples whole
+    with pytest.raises(ConfigError, match="train_crop"):
+        SuperResTask(cfg("max_steps=1", "model.train_crop=15")).build(open_image_text(shapes_dir, image_size=32), None)
+
+
 def test_tiny_decoder_reconstructs_images_from_clip_embeddings(tmp_path):
     """Overfit on 4 images: DDIM samples from their CLIP embeddings must match the right image."""
     root = tmp_path / "four"

@@ -119,6 +119,41 @@ def test_base_model_kept_or_finetuned_by_measured_separation(scratch_run, shapes
     assert _sample(tune).shape == (2, 3, 16, 16)
 
 
+def test_superres_stage_new_then_finetuned_and_a_base_upsampler_not_asked_for_is_dropped(
+        scratch_run, shapes16, tmp_path, monkeypatch):
+    base, _ = scratch_run
+    monkeypatch.setattr(t2i_mod, "SEPARATION_KEEP", -1.0)  # keep the base CLIP: prior, decoder (and sr) only
+    quick = {"prior": {"max_steps": 2}, "decoder": {"max_steps": 2}}
+    with_sr = tmp_path / "with-sr"
+    run_t2i(_opts(shapes16, with_sr, init=str(base), budget_s=10.0, size=None, superres=32,
+                  overrides={**quick, "sr": {"model": {"size": "tiny"}, "max_steps": 3}}), progress=False)
+    plan = Plan.load(with_sr / "train" / "t2i" / "plan.json")
+    assert [s.stage for s in plan.stages] == ["prior", "decoder", "sr"]
+    sr = plan.stages[2]
+    assert sr.config["data"]["image_size"] == 32 and sr.config["model"]["low_res_size"] == 16
+    assert sr.config["model"]["train_crop"] == 16 and "new 16 -> 32 px" in sr.why and sr.steps == 3
+    assert _sample(with_sr).shape == (2, 3, 32, 32)  # the model now samples through its upsampler
+    from PIL import Image
+
+    with Image.open(with_sr / "samples.png") as im:
+        assert im.size[1] > 32 * 2  # rows of 32 px cells
+    first = (with_sr / "sr" / "model.safetensors").read_bytes()
+    # from that model: its upsampler is finetuned when asked for, dropped when not
+    again = tmp_path / "again"
+    run_t2i(_opts(shapes16, again, init=str(with_sr), budget_s=10.0, size=None, superres=32,
+                  overrides={**quick, "sr": {"max_steps": 2}}), progress=False)
+    plan = Plan.load(again / "train" / "t2i" / "plan.json")
+    assert "finetuned" in plan.stages[-1].why and "size" not in plan.stages[-1].config["model"]
+    assert (again / "sr" / "model.safetensors").read_bytes() != first and _sample(again).shape[-1] == 32
+    plain = tmp_path / "plain"
+    run_t2i(_opts(shapes16, plain, init=str(with_sr), budget_s=10.0, size=None, overrides=quick), progress=False)
+    meta = json.loads((plain / "genvl.json").read_text())
+    assert "sr" not in meta["components"] and not (plain / "sr").exists()
+    assert _sample(plain).shape[-1] == 16
+    with pytest.raises(GenvlError, match="--superres 24"):
+        run_t2i(_opts(shapes16, tmp_path / "bad", init="scratch", budget_s=10.0, superres=24), progress=False)
+
+
 _CHILD = """
 import sys, json
 from genvl.training.t2i import T2IOptions, run_t2i
@@ -239,8 +274,14 @@ def test_cli_t2i_options(tmp_path, shapes16, capsys):
     assert "--budget 'soon'" in capsys.readouterr().err
     assert main(["train", "t2i", "--data", str(shapes16), "--out", str(tmp_path / "y"), "--set", "lr=1"]) == 2
     assert "drop --config" in capsys.readouterr().err
-    assert main(["train", "t2i", "--data", str(shapes16), "--out", str(tmp_path / "y"), "--clip", "keep"]) == 2
+    assert main(["train", "t2i", "--data", str(shapes16), "--out", str(tmp_path / "y"), "--clip", "keep",
+                 "--init", "scratch"]) == 2
     assert "needs a base model" in capsys.readouterr().err
+    from genvl.checkpoint import BUILTIN
+
+    if (BUILTIN["demo"] / "genvl.json").is_file():  # the measured recommendation: from the demo, at its size
+        assert t2i_mod.default_init(None) == "demo" and t2i_mod.default_init(32) == "demo"
+        assert t2i_mod.default_init(64) == "scratch"
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")

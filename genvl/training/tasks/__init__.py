@@ -30,7 +30,8 @@ def available_stages() -> list[str]:
     return out
 
 
-def get_task(stage: str, cfg):
+def task_class(stage: str):
+    """The Task class of ``stage``."""
     if stage not in STAGES:
         raise GenvlError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     target = TASKS.get(stage)
@@ -39,4 +40,17 @@ def get_task(stage: str, cfg):
             f"stage {stage!r} is not available in this version of genvl (available: {', '.join(available_stages())})"
         )
     module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)(cfg)
+    return getattr(importlib.import_module(module), name)
+
+
+def check_recipe(stage: str, cfg) -> None:
+    """Check the ``model`` section of ``stage``'s recipe (a TrainConfig); a misspelled key fails here."""
+    from genvl.training.recipes import check_model_section
+
+    cfg.model = check_model_section(stage, task_class(stage), cfg.model)
+
+
+def get_task(stage: str, cfg):
+    """The Task of ``stage`` for recipe ``cfg`` (its ``model`` section checked first)."""
+    check_recipe(stage, cfg)
+    return task_class(stage)(cfg)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
 
 from genvl.errors import ModelDirError
-from genvl.models.clip import CLIP, clip_config, external_text_encoder_config, load_external_text_encoder_weights
+from genvl.models.clip import CLIP, CLIPConfig, clip_config, external_text_encoder_config, load_external_text_encoder_weights
 from genvl.models.losses import contrastive_loss
 from genvl.tokenizers.text import encode_texts, load_text_tokenizer, train_text_tokenizer
 from genvl.training.trainer import Task
@@ -22,6 +23,8 @@ class CLIPTask(Task):
     encoder as the text tower, LiT).
     """
 
+    model_config = CLIPConfig
+    recipe_keys = {"size": str, "from_hf": str, "text_encoder": typing.Union[str, dict]}
     stage = "clip"
     component = "clip"
 

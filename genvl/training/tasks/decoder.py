@@ -39,7 +39,9 @@ from genvl.models.decoder import (
     SUPERRES_SIZES,
     CoarseLayouts,
     Decoder,
+    DecoderConfig,
     SuperRes,
+    SuperResConfig,
     coarse_loss,
     decoder_config,
     superres_config,
@@ -280,6 +282,11 @@ needs ``coarse_refit``), ``coarse_weight`` (default 1: weight of its auxiliary M
     on image embeddings alone, it maps them to blurred, cluttered averages.
     """
 
+    model_config = DecoderConfig
+    recipe_keys = {"size": str, "text_conditioning": bool, "cond_drop": float, "snr_gamma": float,
+                   "loss_weighting": str, "latent": bool, "fresh": bool, "cache_inputs": bool,
+                   "coarse_weight": float, "coarse_fit_steps": int, "coarse_only": bool, "coarse_refit": bool,
+                   "prior_samples": int}
     stage = "decoder"
     component = "decoder"
 
@@ -702,9 +709,13 @@ class SuperResTask(Task):
     ``model`` recipe keys: ``size`` (tiny | small | base) and overrides of
     :class:`~genvl.models.decoder.SuperResConfig`. ``image_size`` comes from ``data.image_size``;
     ``low_res_size`` defaults to it divided by the size's upscale factor (tiny / small 2x, base 4x).
-    ``loss_weighting`` and ``snr_gamma`` as in :class:`DecoderTask`.
+    ``loss_weighting`` and ``snr_gamma`` as in :class:`DecoderTask`. ``train_crop``: train on random
+    crops of this many pixels (aligned to the upscale factor; a convolutional upsampler only), about
+    (image_size / train_crop)^2 times cheaper per step; sampling still works on the whole image.
     """
 
+    model_config = SuperResConfig
+    recipe_keys = {"size": str, "snr_gamma": float, "loss_weighting": str, "train_crop": int}
     stage = "sr"
     component = "sr"
 
@@ -714,6 +725,7 @@ class SuperResTask(Task):
         self.snr_gamma = SNR_GAMMA
         self.weighting = "min-snr"
         self.fixed_pixels = None
+        self.train_crop = 0
 
     def build(self, dataset, init, tokenizer=None) -> SuperRes:
         S = self.cfg.data.image_size
@@ -723,6 +735,7 @@ class SuperResTask(Task):
         size = overrides.pop("size", "tiny")
         self.snr_gamma = _pop_snr_gamma(overrides)
         self.weighting = _pop_weighting(overrides)
+        self.train_crop = int(overrides.pop("train_crop", 0) or 0)
         if init is not None and init.has("sr"):
             model = init.load("sr")
             if model.config.image_size != S:
@@ -742,9 +755,22 @@ class SuperResTask(Task):
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"bad super-resolution model config: {e}") from None
             model = SuperRes(scfg)
+        c = model.config
+        factor = c.image_size // c.low_res_size
+        if self.train_crop and not (0 < self.train_crop <= c.image_size and self.train_crop % factor == 0
+                                    and c.image_size % c.low_res_size == 0 and c.attention_levels == 0):
+            raise ConfigError(f"bad super-resolution recipe: model.train_crop {self.train_crop} must be a multiple of the "
+                              f"upscale factor {factor} up to {c.image_size}, for a model without attention levels")
         self.scheduler = model.make_scheduler("ddpm")
         self.fixed_pixels, _ = _fixed_items(dataset)
         return model.train()
+
+    def crop(self, pixels: torch.Tensor, size: int, factor: int) -> torch.Tensor:
+        """A random ``size`` x ``size`` crop per image, its corner on the low-res grid (``factor`` px)."""
+        B, _, H, W = pixels.shape
+        ys = torch.randint(0, (H - size) // factor + 1, (B,)) * factor
+        xs = torch.randint(0, (W - size) // factor + 1, (B,)) * factor
+        return torch.stack([pixels[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         return {"pixel_values": torch.stack([it["pixel_values"] for it in items])}  # (B, 3, S, S)
@@ -761,7 +787,10 @@ class SuperResTask(Task):
         c = sr.config
         hi = batch["pixel_values"]  # (B, 3, S, S) in [-1, 1]
         B = hi.shape[0]
-        lo = self.low_res(hi, c.low_res_size)  # (B, 3, s, s)
+        factor = c.image_size // c.low_res_size
+        if self.train_crop and self.train_crop < c.image_size:
+            hi = self.crop(hi, self.train_crop, factor)  # (B, 3, crop, crop)
+        lo = self.low_res(hi, hi.shape[-1] // factor)  # (B, 3, s, s) (of the crop)
         if c.max_aug_level > 0:
             aug = torch.randint(0, c.max_aug_level, (B,), device=hi.device)
             lo = self.scheduler.add_noise(lo, torch.randn_like(lo), aug)  # noise augmentation

@@ -54,7 +54,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from genvl.errors import ConfigError, DataError, ModelDirError
-from genvl.models.interleaved import InterleavedBatch, InterleavedLayout, InterleavedLM, interleaved_config
+from genvl.models.interleaved import (
+    InterleavedBatch,
+    InterleavedConfig,
+    InterleavedLayout,
+    InterleavedLM,
+    interleaved_config,
+)
 from genvl.training.trainer import Task
 
 NUM_FIXED = 8  # training pairs shown in the sample grids
@@ -314,6 +320,8 @@ class InterleavedTask(Task):
         "holdout": (0.0, 0.0, 0.99),
         "related": (0.0, 0.0, None),
     }
+    model_config = InterleavedConfig
+    recipe_keys = {"size": str, **{k: type(v[0]) for k, v in OPTIONS.items()}}
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from genvl.errors import ConfigError, ModelDirError
-from genvl.models.lm import TokenLayout, TokenLM, encode_captions, lm_config
+from genvl.models.lm import TokenLayout, TokenLM, TokenLMConfig, encode_captions, lm_config
 from genvl.tokenizers.text import train_text_tokenizer
 from genvl.training.trainer import Task
 
@@ -96,6 +96,8 @@ class LMTask(Task):
     which skips the encoder.
     """
 
+    model_config = TokenLMConfig
+    recipe_keys = {"size": str, "t2i_fraction": float, "cond_drop": float, "caption_weight": float}
     stage = "lm"
     component = "lm"
     accepts_tokenized = True

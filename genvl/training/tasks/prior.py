@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from genvl.errors import ConfigError, ModelDirError
-from genvl.models.prior import DiffusionPrior, prior_config, unconditional_text
+from genvl.models.prior import DiffusionPrior, PriorConfig, prior_config, unconditional_text
 from genvl.tokenizers.text import encode_texts
 from genvl.training.cache import EncodingCache
 from genvl.training.trainer import Task
@@ -66,6 +66,8 @@ class PriorTask(Task):
     prior of ``--init`` but measure its embedding statistics anew, for a CLIP finetuned since).
     """
 
+    model_config = PriorConfig
+    recipe_keys = {"size": str, "cache_inputs": bool, "fresh": bool, "restat": bool}
     stage = "prior"
     component = "prior"
 

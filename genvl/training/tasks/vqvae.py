@@ -1,6 +1,6 @@
 """Training of the VQ-VAE image tokenizer (the image side of the autoregressive token LM).
 
-``genvl train vqvae --data PATH --out DIR [--config configs/demo-vqvae.yaml] [--init DIR]``
+``genvl train vqvae --data PATH --out DIR [--config demo-vqvae] [--init DIR]``
 
 Loss per batch (pixels ``x`` in [-1, 1], reconstruction ``x̂``)::
 
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from genvl.errors import ConfigError
 from genvl.evaluation.reconstruction import psnr
-from genvl.tokenizers.vqvae import VQVAE, AdversarialVQVAE, PatchDiscriminator, vqvae_config
+from genvl.tokenizers.vqvae import VQVAE, AdversarialVQVAE, VQVAEConfig, PatchDiscriminator, vqvae_config
 from genvl.training.tasks.decoder import _fixed_items, _save_grid
 from genvl.training.trainer import Task
 
@@ -90,6 +90,9 @@ class VQVAETask(Task):
     ``disc_channels`` (default 64), ``disc_layers`` (default 2).
     """
 
+    model_config = VQVAEConfig
+    recipe_keys = {"size": str, "recon_loss": str, "gan_weight": float, "gan_start": int, "gan_adaptive": bool,
+                   "disc_channels": int, "disc_layers": int}
     stage = "vqvae"
     component = "vqvae"
 

@@ -1,0 +1,46 @@
+"""What every pipeline shares: the settings a call resolves to, and the output it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+# Sampling settings when neither the caller nor the model directory's genvl.json ("sampling": the
+# settings recommended for that model) gives them.
+SAMPLE_DEFAULTS: dict[str, Any] = {"steps": 50, "prior_steps": 25, "guidance": 3.0, "prior_guidance": 4.0,
+                                   "scheduler": "ddim", "prior_candidates": 1, "coarse_start": 1.0}
+
+
+def resolve_settings(recommended: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Each of :data:`SAMPLE_DEFAULTS`: the caller's value when given (not None), else the model's
+    recommended one, else the default (cast to the default's type, as the command line does)."""
+    out = {}
+    for key, default in SAMPLE_DEFAULTS.items():
+        value = given.get(key)
+        out[key] = value if value is not None else type(default)(recommended.get(key, default))
+    return out
+
+
+@dataclass
+class PipelineOutput:
+    """What a pipeline call returns.
+
+    Attributes:
+        images: RGB PIL images (prompt-major: all of the first prompt's, then the next's).
+        tensors: the same images as (N, 3, H, W) in [-1, 1].
+        settings: every setting the call used (model, seed, steps, guidance, ...): enough to repeat it.
+        image_embeds: (N, D) the CLIP image embeddings the decoder drew from (unCLIP), else None.
+    """
+
+    images: list[Image.Image]
+    tensors: torch.Tensor
+    settings: dict[str, Any] = field(default_factory=dict)
+    image_embeds: torch.Tensor | None = None
+
+    @property
+    def seed(self) -> int | None:
+        return self.settings.get("seed")
+
