@@ -90,8 +90,20 @@ def test_rerun_of_a_finished_or_different_run_is_refused(scratch_run, shapes16):
         run_t2i(_opts(shapes16, out, init="scratch", budget_s=30.0), progress=False)
 
 
+def _quick_base(model: Path, root: Path) -> Path:
+    """A copy of ``model`` whose recommended sampling takes 2 steps (runs from it inherit that: fast grids)."""
+    import shutil
+
+    base = root / "base"
+    shutil.copytree(model, base, ignore=shutil.ignore_patterns("train"))
+    meta = json.loads((base / "genvl.json").read_text())
+    meta["sampling"] = {"steps": 2, "prior_steps": 2}
+    (base / "genvl.json").write_text(json.dumps(meta))
+    return base
+
+
 def test_base_model_kept_or_finetuned_by_measured_separation(scratch_run, shapes16, tmp_path, monkeypatch):
-    base, _ = scratch_run
+    base = _quick_base(scratch_run[0], tmp_path)
     # keep: the base CLIP is declared good enough; the prior and decoder are finetuned with LoRA
     monkeypatch.setattr(t2i_mod, "SEPARATION_KEEP", -1.0)
     keep = tmp_path / "keep"
@@ -121,7 +133,7 @@ def test_base_model_kept_or_finetuned_by_measured_separation(scratch_run, shapes
 
 def test_superres_stage_new_then_finetuned_and_a_base_upsampler_not_asked_for_is_dropped(
         scratch_run, shapes16, tmp_path, monkeypatch):
-    base, _ = scratch_run
+    base = _quick_base(scratch_run[0], tmp_path)
     monkeypatch.setattr(t2i_mod, "SEPARATION_KEEP", -1.0)  # keep the base CLIP: prior, decoder (and sr) only
     quick = {"prior": {"max_steps": 2}, "decoder": {"max_steps": 2}}
     with_sr = tmp_path / "with-sr"
