@@ -358,9 +358,12 @@ class BareStep:
             kw["fused"] = True
         else:
             kw["foreach"] = False
-        opt = torch.optim.AdamW(self.task.param_groups(model, cfg.weight_decay), lr=1e-4,
+        trained = self.task.trainable(model)  # the model, or the part of it the stage trains
+        if trained is not model:
+            model.to(self.accelerator.device)
+        opt = torch.optim.AdamW(self.task.param_groups(trained, cfg.weight_decay), lr=1e-4,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), **kw)
-        self.model, self.optimizer = self.accelerator.prepare(model, opt)
+        self.model, self.optimizer = self.accelerator.prepare(trained, opt)
         self.task.to_device(self.accelerator.device)
         self.train_model = compile_for_training(self.model) if cfg.compile else self.model
         # one fixed batch: the first batch_size items

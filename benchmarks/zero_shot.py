@@ -185,15 +185,15 @@ def emoji_head(name: str) -> str:
 
 
 def make_emoji(out: Path, emoji_data: Path, per_class: int = 10, size: int = 32) -> None:
-    """A 10-class labelled folder from a ``genvl data emoji`` folder: the first ``per_class`` images
-    (in the folder's order) whose name's head noun is one of :data:`EMOJI_CLASSES`; skin-tone
-    variations are left out."""
+    """A 10-class labelled folder from an emoji set folder (built by ``scripts/emoji_set.py``): the first
+    ``per_class`` images (in the folder's order) whose name's head noun is one of :data:`EMOJI_CLASSES`;
+    skin-tone variations are left out."""
     from PIL import Image
 
     counts = dict.fromkeys(EMOJI_CLASSES, 0)
     meta = emoji_data / "metadata.jsonl"
     if not meta.is_file():
-        raise SystemExit(f"{meta} not found: build it with `genvl data emoji {emoji_data}`")
+        raise SystemExit(f"{meta} not found: build it with `python scripts/emoji_set.py {emoji_data}`")
     for line in meta.read_text().splitlines():
         row = json.loads(line)
         texts = row["text"] if isinstance(row["text"], list) else [row["text"]]
@@ -265,7 +265,8 @@ def main() -> None:
     p.add_argument("--make-shapes", metavar="OUT", help="write a 4-class shapes labelled folder and exit")
     p.add_argument("--make-digits", metavar="OUT", help="write scikit-learn's digits as a labelled folder and exit")
     p.add_argument("--make-emoji", metavar="OUT", help="write 10 emoji classes as a labelled folder and exit")
-    p.add_argument("--emoji-data", default="data/emoji", help="the `genvl data emoji` folder for --make-emoji")
+    p.add_argument("--emoji-data", default="data/emoji",
+                   help="the emoji set folder (built by scripts/emoji_set.py) for --make-emoji")
     p.add_argument("--per-class", type=int, default=10, help="images per class for --make-emoji")
     p.add_argument("--limit", type=int, help="first N images (classes balanced)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the model's methods (default: all)")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -55,7 +56,8 @@ def _import_components() -> None:
     # Registers the component classes a directory may name (modules that are not there yet are skipped).
     import importlib
 
-    for module in ("genvl.models.clip", "genvl.models.prior", "genvl.models.decoder", "genvl.tokenizers.vqvae",
+    for module in ("genvl.models.clip", "genvl.models.prior", "genvl.models.decoder", "genvl.models.superres",
+                   "genvl.tokenizers.vqvae",
                    "genvl.models.lm", "genvl.models.interleaved"):
         try:
             importlib.import_module(module)
@@ -65,7 +67,9 @@ def _import_components() -> None:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """``demo`` (when no such local folder exists) or ``builtin:demo`` -> the shipped demo model."""
+    """A model's folder: a local path; ``demo`` (when no such local folder exists) or ``builtin:demo``,
+    the shipped demo model; or a Hugging Face Hub id ``owner/name`` with no such local folder, its
+    snapshot in the local Hugging Face cache."""
     text = str(path)
     if text.startswith("builtin:"):
         name = text[len("builtin:"):].strip("/")
@@ -75,7 +79,31 @@ def resolve_model_path(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists() and text in BUILTIN:
         return BUILTIN[text]
+    if not p.exists() and _HUB_ID.fullmatch(text):
+        return _from_hub_cache(text)
     return p
+
+
+# owner/name, as the Hugging Face Hub spells repository ids.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    """The local snapshot of Hub model ``repo_id`` (its cache folder; offline mode honoured).
+
+    Nothing is downloaded: genvl reads what ``hf download`` (or another library) has put into the
+    Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ModelDirError(
+            f"{repo_id}: no such folder, and no Hugging Face model of that id in the local cache; "
+            f"download it first with `hf download {repo_id}` (genvl itself never downloads)"
+        ) from None
 
 
 def component_ref(folder: str | Path) -> str:
@@ -87,6 +115,15 @@ def component_ref(folder: str | Path) -> str:
         except ValueError:
             pass
     return str(folder)
+
+
+def model_ref(path: str | Path) -> str:
+    """How a card names a model directory: ``builtin:demo`` for the shipped one, else its absolute path."""
+    resolved = Path(path).resolve()
+    for name, root in BUILTIN.items():
+        if resolved == root.resolve():
+            return f"builtin:{name}"
+    return str(resolved)
 
 
 def _resolve_ref(ref: str, where: Path) -> Path:
@@ -224,10 +261,28 @@ def fsync_tree(root: str | Path) -> None:
         fsync_dir(dirpath)
 
 
+#: The installed genvl package; nothing genvl runs writes below it (the built-in demo included).
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def check_not_in_package(path: str | Path) -> Path:
+    """``path``, or a :class:`ModelDirError` when it lies inside the installed genvl package.
+
+    Every writer of this module calls it, so evaluating, training into or recording metrics of the
+    built-in demo cannot change the installation; results go to ``--json`` or a folder the user owns.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved == PACKAGE_ROOT or PACKAGE_ROOT in resolved.parents:
+        raise ModelDirError(f"{path}: inside the installed genvl package, which genvl never writes to; "
+                            "copy the model to a folder of yours first (e.g. genvl export or cp -r)")
+    return path
+
+
 def write_file_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file, flushed to disk, renamed into place; then the
     folder is flushed so that the rename itself survives a power cut."""
-    path = Path(path)
+    path = check_not_in_package(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per thread too
     try:
         with open(tmp, "x", encoding="utf-8") as f:
@@ -260,7 +315,7 @@ def _atomic_replace_dir(tmp: Path, final: Path) -> None:
 
 def _atomic_write_dir(directory: Path, write) -> None:
     """Call ``write(tmp)`` on a temp folder beside ``directory``, then rename it into place."""
-    directory = Path(directory)
+    directory = check_not_in_package(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -285,7 +340,7 @@ def save_adapter_component(module, directory: str | Path, base: str | Path, rank
 
 
 def save_tokenizer(tokenizer, directory: str | Path) -> None:
-    directory = Path(directory)
+    directory = check_not_in_package(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -314,7 +369,7 @@ def read_meta(path: str | Path) -> dict:
 
 
 def write_meta(path: str | Path, meta: dict) -> None:
-    path = Path(path)
+    path = check_not_in_package(path)
     path.mkdir(parents=True, exist_ok=True)
     write_file_atomic(path / META_NAME, json.dumps(meta, indent=2, sort_keys=False) + "\n")
 
@@ -359,6 +414,19 @@ class ModelDir:
     def component_kind(self, name: str) -> str:
         """full | lora | ref: how component ``name`` is stored."""
         return _base_of(self.path / name)[0]
+
+    def lineage(self, name: str) -> list[tuple[str, Path]]:
+        """Where component ``name``'s weights come from: ``(kind, folder)`` from this directory's
+        folder through the bases it names (LoRA adapters merged over them, references followed)
+        to the full weights, last."""
+        chain, folder = [], self.path / name
+        for _ in range(MAX_REF_DEPTH + 1):
+            kind, base = _base_of(folder)
+            chain.append((kind, folder))
+            if base is None:
+                return chain
+            folder = base
+        raise ModelDirError(f"{self.path / name}: too many nested references (a cycle?)")
 
     def tokenizer(self):
         from genvl.tokenizers.text import load_text_tokenizer
@@ -410,7 +478,7 @@ def save_model_dir(
             component as an adapter folder holding only its LoRA weights.
         refs: name -> (class path, base component folder): write reference folders.
     """
-    path = Path(path)
+    path = check_not_in_package(path)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     if created:
@@ -448,55 +516,24 @@ def record_metrics(path: str | Path, kind: str, metrics: dict[str, Any], details
     write_model_card(path, meta)
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def model_dir_hash(path: str | Path) -> str:
+    """sha256 over a model directory's ``genvl.json`` and weight files (names and bytes), first 16
+    hex digits: names the exact base a finetune started from."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix == ".safetensors" or p.name == META_NAME))
+    for p in files:
+        h.update(str(p.relative_to(path)).encode())
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def write_model_card(path: str | Path, meta: dict) -> None:
-    """Generate README.md (the model card) from ``genvl.json``."""
-    path = Path(path)
-    lines = [f"# genvl model: {path.name}", ""]
-    if meta.get("description"):
-        lines += [meta["description"].rstrip(), ""]
-    lines += ["Components:", ""]
-    lines += [f"- `{name}/` ({cls})" for name, cls in meta["components"].items()]
-    lines += [f"- `{meta.get('tokenizer', TOKENIZER_DIR)}/` (text tokenizer)", ""]
-    for name, rec in meta.get("training", {}).items():
-        lines += [f"## Training: {name}", ""]
-        for key in ("init", "data", "pairs", "skipped", "steps", "batch_size", "samples_seen", "time", "hardware",
-                    "final_loss", "note"):
-            if key in rec:
-                lines.append(f"- {key.replace('_', ' ')}: {_fmt(rec[key])}")
-        if rec.get("command"):
-            lines += ["", "Reproduce:", "", "```", rec["command"], "```"]
-        if rec.get("recipe"):
-            lines += ["", "Recipe:", "", "```yaml", rec["recipe"].rstrip(), "```"]
-        lines.append("")
-    metrics = meta.get("metrics", {})
-    if metrics:
-        lines += ["## Metrics", ""]
-        for kind, rec in metrics.items():
-            lines += [f"### {kind}", ""]
-            if rec.get("data"):
-                lines += [f"Data: `{rec['data']}`" + (f" ({rec['n']} pairs)" if "n" in rec else ""), ""]
-            extra = {k: v for k, v in rec.items() if k not in ("values", "data", "n")}
-            if extra:
-                lines += [f"- {k}: {_fmt(v) if not isinstance(v, dict) else json.dumps(v)}" for k, v in extra.items()]
-                lines.append("")
-            lines += ["| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {_fmt(v)} |" for k, v in rec.get("values", {}).items()]
-            lines.append("")
-    usage = "genvl classify --method clip --model {p} --classes \"a cat,a dog\" IMAGE.png".format(p=path)
-    if "clip" in meta["components"]:
-        use = [usage, f"genvl evaluate retrieval --model {path} --data IMAGE_FOLDER"]
-        if "decoder" in meta["components"]:
-            use.insert(0, f'genvl sample "a red heart" --model {path} --num-images 4 --seed 0')
-        if "lm" in meta["components"]:
-            use[1:1] = [f'genvl sample --method ar "a red heart" --model {path} --num-images 4',
-                        f"genvl caption IMAGE.png --model {path}"]
-        if "interleaved" in meta["components"]:
-            use.insert(1, f'genvl sample --method interleaved "a red heart" --model {path} --seed 0')
-        lines += ["## Use", "", "```", *use, "```", ""]
-    write_file_atomic(path / "README.md", "\n".join(lines))
+    """Generate README.md (the model card) from ``genvl.json`` (see :mod:`genvl.card`)."""
+    from genvl.card import write_card
+
+    write_card(path, meta)

@@ -9,8 +9,9 @@
 set -euo pipefail
 RUN=${1:-runs/demo}
 T2I=${RUN}2
-[ -f data/emoji/metadata.jsonl ] || genvl data emoji data/emoji
-[ -f data/emoji-base/metadata.jsonl ] || genvl data emoji data/emoji-base --no-skin-tones
+# the emoji image-caption set (npm packages; scripts/emoji_set.py), with and without skin-tone variations
+[ -f data/emoji/metadata.jsonl ] || python scripts/emoji_set.py data/emoji
+[ -f data/emoji-base/metadata.jsonl ] || python scripts/emoji_set.py data/emoji-base --no-skin-tones
 # text-to-image (DALL-E 2 style): CLIP core, prior, decoder, one directory
 genvl train clip    --data data/emoji --out "$RUN" --config demo-clip
 genvl train prior   --data data/emoji --init "$RUN" --out "$RUN" --config demo-prior

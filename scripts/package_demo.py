@@ -20,6 +20,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from genvl.checkpoint import TOKENIZER_DIR, open_model_dir, read_meta, write_meta, write_model_card
@@ -135,9 +136,11 @@ def main(argv=None) -> int:
     src, dest = Path(args.run), Path(args.dest)
     md = open_model_dir(src)
     md.require("clip", "prior", "decoder", purpose="the demo")
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # Built in a temporary folder outside the package (genvl's writers refuse paths inside it) and
+    # named like the destination, whose name titles the card; then copied into place.
+    work = Path(tempfile.mkdtemp(prefix="genvl-demo-"))
+    tmp = work / dest.name
+    tmp.mkdir()
     for name in md.components:
         if md.component_kind(name) != "full":
             sys.exit(f"{src / name}: the demo needs full components, not {md.component_kind(name)} folders")
@@ -184,7 +187,8 @@ def main(argv=None) -> int:
             extra = ("\n\n![evaluation prompts, 4 samples each](samples.png)\n\n"
                      "`samples.png`: the evaluation prompts (configs/demo-prompts.txt), one row each, seed 0.")
     from genvl.checkpoint import load_component
-    from genvl.models.decoder import Decoder, SuperRes
+    from genvl.models.decoder import Decoder
+    from genvl.models.superres import SuperRes
 
     dec_size = load_component(tmp / "decoder", Decoder).config.image_size
     size = f"{dec_size} px"
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
                 f"{dec_size} -> {sr.config.image_size} px super-resolution UNet; `--size {dec_size}` skips it)")
     meta["description"] = (
         f"The built-in demo of genvl: DALL-E 2 style text-to-image at {size}, trained from scratch on the "
-        "7,572 captioned emoji of `genvl data emoji` (Noto: Apache-2.0, Twemoji: CC-BY-4.0) with the recipes "
+        "7,572 captioned emoji of `scripts/emoji_set.py` (Noto: Apache-2.0, Twemoji: CC-BY-4.0) with the recipes "
         "`genvl/recipes/demo-*.yaml`. " + (args.summary.strip() + " " if args.summary else "")
         + _decoder_summary(meta, tmp) + " Prompts outside that domain give the nearest emoji it knows. "
         "Rebuild it with `bash scripts/build_demo.sh` (the commands below, one stage after another). "
@@ -214,11 +218,11 @@ def main(argv=None) -> int:
     write_model_card(tmp, meta)
     size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 2**20
     if size > LIMIT_MB:
-        shutil.rmtree(tmp)
+        shutil.rmtree(work)
         sys.exit(f"the demo would take {size:.1f} MB, over the {LIMIT_MB} MB limit")
     shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    write_model_card(dest, meta)  # the card is titled after its folder
+    shutil.copytree(tmp, dest)
+    shutil.rmtree(work)
     print(f"demo model: {dest} ({size:.1f} MB)")
     return 0
 

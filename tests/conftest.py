@@ -76,7 +76,8 @@ def build_tiny_model(path: Path, parts: tuple[str, ...] = TINY_PARTS, *, sr: boo
 
     from genvl.checkpoint import save_model_dir
     from genvl.models.clip import CLIP, clip_config
-    from genvl.models.decoder import Decoder, SuperRes, decoder_config, superres_config
+    from genvl.models.decoder import Decoder, decoder_config
+    from genvl.models.superres import SuperRes, superres_config
     from genvl.models.lm import TokenLM, lm_config
     from genvl.models.prior import DiffusionPrior, prior_config
     from genvl.tokenizers.text import train_text_tokenizer

@@ -70,7 +70,7 @@ class PriorConditioner:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> ClassConditions:
-        from genvl.sampling.unclip import encode_prompts, sample_prior
+        from genvl.sampling.prior import encode_prompts, sample_prior
 
         C = len(prompts)
         g = torch.Generator().manual_seed(self.seed)

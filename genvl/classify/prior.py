@@ -66,15 +66,14 @@ class PriorClassifier:
     @torch.no_grad()
     def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1], C prompts -> (N, C) scores -E w(t) ||x0 - x0_theta||^2."""
-        from genvl.sampling.unclip import _check_prior_fits, _text_limit, encode_prompts
+        from genvl.sampling.prior import check_prior_fits, encode_for_prior
 
-        _check_prior_fits(self.prior, self.clip)
+        check_prior_fits(self.prior, self.clip)
         dev = next(self.prior.parameters()).device
         clip_dev = next(self.clip.parameters()).device
         z = self.clip.encode_image(images.float().to(clip_dev)).float().to(dev)  # (N, D) unit
         x0 = self.prior.normalize(z)  # (N, D) normalised diffusion space
-        limit = _text_limit(self.tokenizer, self.clip.config.max_text_len, self.prior.config.text_len)
-        text = encode_prompts(self.clip, self.tokenizer, list(prompts), device=dev, max_length=limit)
+        text = encode_for_prior(self.clip, self.tokenizer, self.prior, list(prompts))  # on the prior's device
         C = text.embeds.shape[0]
         stages = self.stages(C)
         K = sum(n for n, _ in stages)

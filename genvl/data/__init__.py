@@ -1,4 +1,4 @@
-"""Image-text datasets, interleaved documents, image transforms, checks and the emoji set.
+"""Image-text datasets, interleaved documents, image transforms and checks.
 
 Formats (see ``DESIGN.md``, "Data formats for custom image-text sets"): an image folder with
 ``metadata.jsonl`` / ``metadata.csv``, an image folder with same-named ``.txt`` captions,
@@ -14,7 +14,6 @@ from genvl.data.datasets import (
     expand_braces,
     open_image_text,
 )
-from genvl.data.emoji import EmojiBuildResult, build_emoji_dataset, emoji_caption
 from genvl.data.images import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
@@ -46,9 +45,6 @@ __all__ = [
     "Spread",
     "check_dataset",
     "format_report",
-    "EmojiBuildResult",
-    "build_emoji_dataset",
-    "emoji_caption",
     "TokenizedSet",
     "load_tokenized",
     "read_tokenized",

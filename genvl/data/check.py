@@ -15,7 +15,8 @@ from typing import TypeVar, Union
 
 from tqdm.auto import tqdm
 
-from genvl.data.datasets import ImageTextDataset, parse_interleaved
+from genvl.data.datasets import ImageTextDataset
+from genvl.data.documents import parse_interleaved
 from genvl.data.images import BadImageError, load_rgb
 
 __all__ = ["Spread", "DataReport", "check_dataset", "format_report"]

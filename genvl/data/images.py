@@ -189,14 +189,14 @@ def load_rgb(src: ImageSource, *, draft_size: int | None = None) -> Image.Image:
             img.load()
             if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return to_rgb(img)
         except BadImageError:
             raise
         except Exception as e:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
             raise BadImageError(f"cannot decode: {_describe(e)}") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency on white."""
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):

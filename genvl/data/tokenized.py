@@ -140,7 +140,7 @@ def load_tokenized(path: str | Path) -> tuple[torch.Tensor, list[str]]:
     return ts.codes, ts.captions
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -188,7 +188,7 @@ def tokenize_dataset(vq, dataset, out: str | Path, batch_size: int = 64, progres
         raise DataError(f"{getattr(dataset, 'root', 'the dataset')}: no image could be decoded")
     extra = dict(meta or {})
     if weights is not None and Path(weights).is_file():
-        extra["vqvae_sha256"] = _sha256(Path(weights))
+        extra["vqvae_sha256"] = file_sha256(Path(weights))
     all_codes = torch.cat(codes)  # (N, h, w)
     save_tokenized(out, all_codes, captions, names, vq.config.codebook_size, vq.config.image_size, extra)
     variants = [tuple(c) if isinstance(c, list) else (c,) for c in captions]

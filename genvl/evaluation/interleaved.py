@@ -49,7 +49,7 @@ def evaluate_interleaved(
     """
     from tqdm.auto import tqdm
 
-    from genvl.sampling.autoregressive import _left_pad
+    from genvl.sampling.common import left_pad
     from genvl.sampling.interleaved import generate_image_embeds
 
     indices = list(range(len(dataset))) if indices is None else list(indices)
@@ -68,7 +68,7 @@ def evaluate_interleaved(
         ids = [list(t) for t in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
         ids = [t[: model.config.max_len - lay.visual_tokens - 3] for t in ids]
         z_hat.append(generate_image_embeds(model, ids, guidance=guidance).cpu())
-        rows, mask = _left_pad([[lay.bos_id, *t] for t in ids], lay.pad_id, device)  # "<bos> caption"
+        rows, mask = left_pad([[lay.bos_id, *t] for t in ids], lay.pad_id, device)  # "<bos> caption"
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(rows, attention_mask=mask, position_ids=pos, last_only=True).logits[:, -1].float()
         p_img.append(logits.softmax(-1)[:, lay.boi_id].cpu())

@@ -1,10 +1,13 @@
 """Image-text retrieval recall (R@K), as reported for CLIP on Flickr30k/MSCOCO.
 
-One caption per image: pair i is the only correct match of row i in both directions.
+Pair i is the correct match of row i in both directions. Pairs whose captions are identical
+(``captions=``) are one group: another member of row i's group is also a correct match, so it never
+counts against row i (a set with repeated captions, such as emoji in two styles, scores R@1 = 100
+for a perfect embedding rather than being charged for the duplicates).
 
-Rank rule (never rewards ties): the rank of the true match is the number of OTHER candidates
-whose cosine similarity is greater than OR EQUAL to the true one,
-``rank_i = #{j != i : s_ij >= s_ii}``; a query is a hit at K when ``rank_i < K``. A model that
+Rank rule (never rewards ties): the rank of the true match is the number of candidates outside
+its group whose cosine similarity is greater than OR EQUAL to the true one,
+``rank_i = #{j : g_j != g_i, s_ij >= s_ii}``; a query is a hit at K when ``rank_i < K``. A model that
 maps everything to one vector therefore scores 0 (not 100) at every K < N.
 """
 
@@ -29,22 +32,24 @@ def chance_recall(n: int, k: int) -> float:
     return 100.0 * min(k, n) / n
 
 
-def _ranks(sim: Tensor) -> Tensor:
-    """(N, N) similarities with the truth on the diagonal -> (N,) pessimistic 0-based ranks."""
-    n = sim.shape[0]
+def _ranks(sim: Tensor, groups: Tensor) -> Tensor:
+    """(N, N) similarities with the truth on the diagonal, (N,) group ids -> (N,) pessimistic 0-based ranks."""
     true = sim.diagonal().unsqueeze(1)  # (N, 1)
-    off_diag = ~torch.eye(n, dtype=torch.bool, device=sim.device)  # (N, N)
-    return ((sim >= true) & off_diag).sum(dim=1)  # (N,) ties count against the model
+    others = groups[:, None] != groups[None, :]  # (N, N) candidates that are wrong for the row
+    return ((sim >= true) & others).sum(dim=1)  # (N,) ties count against the model
 
 
 @torch.no_grad()
-def retrieval_metrics(image_embeds: Tensor, text_embeds: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics(image_embeds: Tensor, text_embeds: Tensor, ks: Sequence[int] = (1, 5, 10),
+                      captions: Sequence[str] | None = None) -> dict[str, float]:
     """Recall@K in both directions for paired embeddings.
 
     Args:
         image_embeds: (N, D) image embeddings; L2-normalised here.
         text_embeds: (N, D) text embeddings; row i is the caption of image i. L2-normalised here.
         ks: the cut-offs K, each >= 1.
+        captions: (N,) the captions; identical ones make one group of correct matches. None:
+            every pair is its own group.
 
     Returns:
         ``{"image_to_text_R@K": ..., "text_to_image_R@K": ..., "mean_recall": ...}`` in percent
@@ -66,7 +71,15 @@ def retrieval_metrics(image_embeds: Tensor, text_embeds: Tensor, ks: Sequence[in
     img = F.normalize(image_embeds.to(dtype), dim=-1)
     txt = F.normalize(text_embeds.to(dtype), dim=-1)
     sim = img @ txt.T  # (N, D) x (D, N) -> (N, N): row = image query, column = caption
-    ranks = {"image_to_text": _ranks(sim), "text_to_image": _ranks(sim.T)}
+    n = sim.shape[0]
+    if captions is None:
+        groups = torch.arange(n, device=sim.device)
+    else:
+        if len(captions) != n:
+            raise ValueError(f"captions must have one entry per pair ({n}), got {len(captions)}")
+        ids: dict[str, int] = {}
+        groups = torch.tensor([ids.setdefault(c, len(ids)) for c in captions], device=sim.device)
+    ranks = {"image_to_text": _ranks(sim, groups), "text_to_image": _ranks(sim.T, groups)}
     metrics: dict[str, float] = {}
     for direction, r in ranks.items():
         for k in ks:

@@ -57,11 +57,11 @@ class ConfigModule(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        cfg = {"_class": class_path(self), **to_dict(self.config)}
+        cfg = {**self.library_config(), "_class": class_path(self), **to_dict(self.config)}
         (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
         sd = state_dict if state_dict is not None else self.state_dict()
         # safetensors refuses shared storage; tied weights are saved once each as copies.
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.file_keys(sd).items()}
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "genvl_class": class_path(self)})
 
     @classmethod
@@ -74,7 +74,28 @@ class ConfigModule(nn.Module):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelDirError(f"{path}: not valid JSON ({e})") from None
         data.pop("_class", None)
-        return from_dict(cls.config_class, data, where=str(path))
+        return from_dict(cls.config_class, cls.strip_library_config(data), where=str(path))
+
+    # A component whose folder is also another library's format (the CLIP component is a
+    # transformers CLIPModel folder too) overrides these three hooks; by default the file holds
+    # the module's own keys and config.
+
+    def library_config(self) -> dict[str, Any]:
+        """Keys another library reads from ``config.json``, written beside genvl's own."""
+        return {}
+
+    @classmethod
+    def strip_library_config(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """``config.json`` without the keys :meth:`library_config` added."""
+        return data
+
+    def file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The module's state dict -> the weights file's keys (the inverse of :meth:`module_keys`)."""
+        return state
+
+    def module_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A weights file's keys -> the module's (files of earlier layouts included)."""
+        return state
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> "ConfigModule":
@@ -87,7 +108,7 @@ class ConfigModule(nn.Module):
 
     def load_weights(self, path: str | Path) -> None:
         """Strictly load safetensors weights; errors name the file and the mismatch."""
-        state = load_safetensors(path)
+        state = self.module_keys(load_safetensors(path))
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

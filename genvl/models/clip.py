@@ -12,6 +12,7 @@ Every other genvl model conditions on this core: the pooled, normalised embeddin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,14 @@ from torch import nn
 
 from genvl.errors import ModelDirError, describe_load_error
 from genvl.models.base import ConfigModule, register_component
+
+
+def _renamed(key: str, names: tuple[tuple[str, str], ...]) -> str:
+    """``key`` with the first matching prefix of ``names`` (old, new) replaced."""
+    for old, new in names:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 @dataclass
@@ -185,6 +194,42 @@ class CLIP(ConfigModule):
         # Only the sigmoid loss uses the bias; a parameter without gradient would stall DDP.
         self.logit_bias.requires_grad_(config.loss == "siglip")
 
+    # The component folder is also a transformers ``CLIPModel`` folder: config.json carries
+    # CLIPModel's keys beside genvl's and the weights use CLIPModel's names (``logit_bias`` is
+    # genvl's own and is reported as unused there), so ``CLIPModel.from_pretrained(dir / "clip")``
+    # loads it right. Folders written with genvl's module names keep loading here. A CLIP whose
+    # text tower is an external encoder has no CLIPModel form and keeps genvl's names.
+    _FILE_NAMES = (("vision.vision_model.", "vision_model."), ("vision.visual_projection.", "visual_projection."),
+                   ("text.text_model.", "text_model."), ("text.text_projection.", "text_projection."))
+
+    def library_config(self) -> dict:
+        if self.config.text_encoder is not None:
+            return {}
+        from transformers import CLIPConfig as HFCLIPConfig
+
+        hf = HFCLIPConfig(text_config=self.text.config.to_dict(), vision_config=self.vision.config.to_dict(),
+                          projection_dim=self.config.embed_dim, logit_scale_init_value=self.config.logit_scale_init)
+        return {**hf.to_dict(), "architectures": ["CLIPModel"]}
+
+    @classmethod
+    def strip_library_config(cls, data: dict) -> dict:
+        if data.get("model_type") != "clip":
+            return data
+        from transformers import CLIPConfig as HFCLIPConfig
+
+        ours = {f.name for f in dataclasses.fields(cls.config_class)}
+        theirs = set(HFCLIPConfig().to_dict()) | {"architectures", "transformers_version", "dtype", "torch_dtype"}
+        return {k: v for k, v in data.items() if k in ours or k not in theirs}
+
+    def file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.config.text_encoder is not None:
+            return state
+        return {_renamed(k, self._FILE_NAMES): v for k, v in state.items()}
+
+    def module_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        back = tuple((b, a) for a, b in self._FILE_NAMES)
+        return {_renamed(k, back): v for k, v in state.items()}
+
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device
@@ -219,12 +264,12 @@ class CLIP(ConfigModule):
 
     # Pixels arrive in [-1, 1]; CLIP towers expect ImageNet-CLIP normalisation. Doing it here
     # keeps every caller in one pixel convention and imported OpenAI weights correct.
-    _MEAN = (0.48145466, 0.4578275, 0.40821073)
-    _STD = (0.26862954, 0.26130258, 0.27577711)
+    PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+    PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
     def _normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.new_tensor(self._MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(self._STD).view(1, 3, 1, 1)
+        mean = x.new_tensor(self.PIXEL_MEAN).view(1, 3, 1, 1)
+        std = x.new_tensor(self.PIXEL_STD).view(1, 3, 1, 1)
         x = (x + 1) / 2  # [-1, 1] -> [0, 1]
         size = self.config.image_size
         if x.shape[-1] != size or x.shape[-2] != size:

@@ -1,5 +1,4 @@
-"""DALL-E 2 decoder: a pixel-space diffusion UNet conditioned on CLIP image embeddings, and the
-super-resolution UNet that follows it.
+"""DALL-E 2 decoder: a pixel-space diffusion UNet conditioned on CLIP image embeddings.
 
 :class:`Decoder` wraps diffusers' :class:`~diffusers.UNet2DConditionModel` and predicts the noise
 epsilon of a noisy image. As in DALL-E 2 (Ramesh et al. 2022, arXiv:2204.06125, sec. 2.1, after
@@ -13,26 +12,39 @@ Both paths reach the UNet as per-channel biases and attention values, the same a
 so the UNet has to build an image's layout from the noise and the padding at the borders. A small
 decoder does not learn that: its samples take their layout from the starting noise, whatever the
 embedding (measured on the demo: variations of two different emoji from one seed share a layout).
-Optionally (``coarse_size > 0``) a third path hands the layout over directly: an MLP maps
-``z_image`` to a coarse ``(C, coarse_size, coarse_size)`` image (C = the sample's channels),
-upsampled bilinearly and concatenated to the UNet's input channels. It is trained with the
-diffusion loss and an auxiliary regression onto the average-pooled clean sample
-(:meth:`Decoder.coarse_image`), so it is a prediction of the image's low-resolution version from
-its embedding. :meth:`Decoder.add_coarse` grows a trained decoder without the path into one with it
-that computes exactly the same function (zero weights on the new input channels).
 
-A regression onto one target averages the images an embedding leaves open: the prior's draws for
-a prompt that names no style lie between the Noto and the Twemoji version of an emoji, and one
-regressed layout is a washed-out blend of both (measured on the demo: the pizza's layout is an
-orange blur). With ``coarse_heads = K > 1`` the path is a mixture: it proposes K layouts and scores
-them, is fitted winner-takes-all (the closest layout takes the regression, the scores learn which
-one that was; multiple-choice learning, Guzman-Rivera et al. 2012, and its relaxed form, Rupprecht
-et al. 2017, arXiv:1612.00197), and :meth:`Decoder.coarse_image` hands on the best-scored layout,
-so each head can keep one sharp mode (:func:`coarse_loss`).
+Coarse layout path
+------------------
+This section is the one description of the path; the training options and the sampler's
+``coarse_start`` refer to it.
 
-Both UNets return epsilon, as the samplers and the training losses expect, but inside them the
-diffusers UNet predicts ``v = sqrt(a) eps - sqrt(1 - a) x0`` (``parameterization="v"``; Salimans &
-Ho 2022, arXiv:2202.00512), converted with ``eps = sqrt(1 - a) x_t + sqrt(a) v`` (``a`` =
+- What it is. Optionally (``coarse_size > 0``) a third path hands the layout over directly:
+  :class:`CoarseLayoutPath`, an MLP, maps ``z_image`` to a coarse ``(C, coarse_size, coarse_size)``
+  image (C = the sample's channels), which :meth:`Decoder.forward` upsamples bilinearly and
+  concatenates to the UNet's input channels. It is a prediction of the clean sample's
+  low-resolution version (average-pooled to ``coarse_size``) from its embedding.
+- Mixture. A regression onto one target averages the images an embedding leaves open: the prior's
+  draws for a prompt that names no style lie between the Noto and the Twemoji version of an emoji,
+  and one regressed layout is a washed-out blend of both (measured on the demo: the pizza's layout
+  is an orange blur). With ``coarse_heads = K > 1`` the path proposes K layouts and scores them, is
+  fitted winner-takes-all (the closest layout takes the regression, the scores learn which one
+  that was; multiple-choice learning, Guzman-Rivera et al. 2012, and its relaxed form, Rupprecht et
+  al. 2017, arXiv:1612.00197), and the best-scored layout is the one the UNet and the sampler get.
+- Interface. ``decoder.coarse(z)`` (:class:`CoarseLayouts`: all K layouts and their scores) for a
+  training loss, :meth:`Decoder.coarse_image` for the picked layout (what ``sample_decoder``'s
+  ``coarse_start`` noises and starts from), :func:`coarse_loss` for the loss.
+- Training. With the UNet, the path learns from the diffusion loss through the layout channels
+  and from :func:`coarse_loss` on ``decoder.coarse(z)``, computed beside the UNet's forward (the
+  coarse weights receive both gradients in one backward). Alone, the path is a module of its own:
+  the trainer can train ``decoder.coarse`` with the rest of the decoder frozen and not run.
+- Growing. :meth:`Decoder.add_coarse` grows a trained decoder without the path into one with it
+  that computes exactly the same function (zero weights on the new input channels);
+  :meth:`Decoder.reset_coarse` replaces the path by an untrained one and keeps the UNet.
+
+Both UNets return epsilon, as the samplers expect (``forward(..., target="unet")`` returns the
+UNet's own prediction, for a training loss on that target), but inside them the diffusers UNet
+predicts ``v = sqrt(a) eps - sqrt(1 - a) x0`` (``parameterization="v"``; Salimans & Ho 2022,
+arXiv:2202.00512), converted with ``eps = sqrt(1 - a) x_t + sqrt(a) v`` (``a`` =
 alpha_bar_t). At the noisy steps, which decide colours and layout, epsilon is then nearly x_t for
 free instead of an identity the network must learn to within ~1e-3: a small decoder learns several
 times faster and avoids the colour casts of eps-prediction (Imagen Video, arXiv:2210.02303).
@@ -47,11 +59,7 @@ Unconditional input (classifier-free guidance): ``image_embeds`` all zeros and `
 zeros. The image tokens are always unmasked (zeros project to the learned bias), so no attention
 row is ever fully masked. Omitting the text (``text_states=None``) is the same as masking all of it.
 
-:class:`SuperRes` wraps diffusers' :class:`~diffusers.UNet2DModel`: the noisy high-resolution image
-and the bicubic-upsampled low-resolution image are concatenated on channels (6 in). The low-res
-image is noise-augmented in training (Ho et al. 2021, "Cascaded Diffusion Models",
-arXiv:2106.15282, sec. 4.1); the augmentation timestep conditions the UNet through its class
-embedding (``class_embed_type="timestep"``: the same sinusoidal + MLP embedding as the timestep).
+The super-resolution UNet that follows it is :mod:`genvl.models.superres`.
 """
 
 from __future__ import annotations
@@ -65,68 +73,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from genvl.models.base import ConfigModule, register_component
+from genvl.models.diffusion import (  # noqa: F401 - SCHEDULER_KINDS: the decoder's scheduler kinds
+    PARAMETERIZATIONS,
+    PREDICTION_TARGETS,
+    SCHEDULER_KINDS,
+    alphas_cumprod_of,
+    build_scheduler,
+    check_unet,
+    to_epsilon,
+)
 
-SCHEDULER_KINDS = ("ddpm", "ddim", "dpm++")
-
-
-def _make_scheduler(kind: str, num_train_timesteps: int, beta_schedule: str, clip_range: float = 1.0):
-    """A diffusers scheduler for epsilon prediction; the predicted x0 is clipped to [-clip_range, clip_range]
-    (pixels: [-1, 1]; latents of unit code vectors scaled by ``latent_scale``: that scale).
-
-    The same object adds noise in training (``add_noise``) and denoises at sampling (``step``).
-    """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon")
-    if kind == "ddpm":
-        return DDPMScheduler(**common, clip_sample=True, clip_sample_range=clip_range)
-    if kind == "ddim":
-        # "trailing" spacing starts few-step sampling at the last training timestep (pure noise).
-        return DDIMScheduler(**common, clip_sample=True, clip_sample_range=clip_range, timestep_spacing="trailing")
-    if kind == "dpm++":
-        # DPM-Solver++ has no clip_sample; thresholding with sample_max_value 1 clamps x0 to [-1, 1]
-        # (its dynamic threshold s in [1, max] also divides by s, so wider ranges get no thresholding).
-        return DPMSolverMultistepScheduler(
-            **common, algorithm_type="dpmsolver++", thresholding=clip_range == 1.0, sample_max_value=clip_range
-        )
-    raise ValueError(f"unknown scheduler kind {kind!r}; kinds: {', '.join(SCHEDULER_KINDS)}")
-
-
-PARAMETERIZATIONS = ("v", "epsilon")
-
-
-def _alphas_cumprod(num_train_timesteps: int, beta_schedule: str) -> torch.Tensor:
-    """(T,) alpha_bar_t of the schedule, taken from diffusers so that it matches the schedulers."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule).alphas_cumprod.float()
-
-
-def _to_epsilon(out: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
-                parameterization: str) -> torch.Tensor:
-    """The UNet's output -> epsilon. For ``v``: eps = sqrt(1 - a) x_t + sqrt(a) v, a = alpha_bar_t."""
-    if parameterization == "epsilon":
-        return out
-    T = alphas_cumprod.shape[0]
-    idx = timesteps.to(alphas_cumprod.device).round().long().clamp(0, T - 1)  # (B,)
-    a = alphas_cumprod.float()[idx].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    eps = (1 - a).sqrt() * noisy.float() + a.sqrt() * out.float()
-    return eps.to(out.dtype)
-
-
-def _check_unet(name: str, image_size: int, channels: list[int], groups: int, parameterization: str) -> None:
-    if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"{name} config: parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {parameterization!r}")
-    if image_size < 1:
-        raise ValueError(f"{name} config: image_size must be >= 1, got {image_size}")
-    if not channels or any(c < 1 for c in channels):
-        raise ValueError(f"{name} config: block_out_channels must be a non-empty list of positive ints")
-    down = 2 ** (len(channels) - 1)
-    if image_size % down:
-        raise ValueError(f"{name} config: image_size {image_size} is not divisible by {down} ({len(channels)} levels)")
-    bad = [c for c in channels if c % groups]
-    if bad:
-        raise ValueError(f"{name} config: block_out_channels {channels} must be multiples of norm_num_groups {groups}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -229,7 +185,7 @@ def decoder_config(size: str = "tiny", **overrides) -> DecoderConfig:
             raise ValueError(f"decoder config: image_size {cfg.image_size} differs from its VQ-VAE's ({vae.image_size})")
         if not cfg.latent_scale > 0:
             raise ValueError(f"decoder config: latent_scale must be > 0, got {cfg.latent_scale}")
-    _check_unet("decoder", cfg.latent_size, cfg.block_out_channels, cfg.norm_num_groups, cfg.parameterization)
+    check_unet("decoder", cfg.latent_size, cfg.block_out_channels, cfg.norm_num_groups, cfg.parameterization)
     _check_coarse(cfg)
     bad = [c for c in cfg.block_out_channels if c % cfg.attention_head_dim]
     if bad:
@@ -238,16 +194,6 @@ def decoder_config(size: str = "tiny", **overrides) -> DecoderConfig:
             f"attention_head_dim {cfg.attention_head_dim}"
         )
     return cfg
-
-
-def _coarse_mlp(cfg: DecoderConfig) -> nn.Sequential:
-    """The coarse layout path: z_image (B, D) -> (B, K * C * coarse_size**2 [+ K scores when K > 1]),
-    two hidden SiLU layers (K = ``coarse_heads``)."""
-    H, K = cfg.coarse_hidden, cfg.coarse_heads
-    return nn.Sequential(
-        nn.Linear(cfg.embed_dim, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU(),
-        nn.Linear(H, K * cfg.sample_channels * cfg.coarse_size**2 + (K if K > 1 else 0)),
-    )
 
 
 class CoarseLayouts(NamedTuple):
@@ -266,6 +212,32 @@ class CoarseLayouts(NamedTuple):
         if self.scores is None:
             return self.layouts[:, 0]
         return self.layouts[torch.arange(len(self.layouts), device=self.layouts.device), self.scores.argmax(1)]
+
+
+class CoarseLayoutPath(nn.Sequential):
+    """The coarse layout path (see the module docstring): z_image (B, D) -> :class:`CoarseLayouts`.
+
+    An MLP with two hidden SiLU layers of width ``coarse_hidden`` whose last layer gives
+    K * C * coarse_size**2 layout values (+ K scores when K = ``coarse_heads`` > 1).
+    """
+
+    def __init__(self, cfg: DecoderConfig):
+        H, K = cfg.coarse_hidden, cfg.coarse_heads
+        super().__init__(
+            nn.Linear(cfg.embed_dim, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU(),
+            nn.Linear(H, K * cfg.sample_channels * cfg.coarse_size**2 + (K if K > 1 else 0)),
+        )
+        self.embed_dim, self.heads = cfg.embed_dim, K
+        self.layout_shape = (cfg.sample_channels, cfg.coarse_size, cfg.coarse_size)
+
+    def forward(self, image_embeds: torch.Tensor) -> CoarseLayouts:
+        """(B, D) CLIP image embeddings (unit vectors; zeros = unconditional) -> K layouts and scores."""
+        w = self[0].weight
+        z = image_embeds.to(w.dtype) * math.sqrt(self.embed_dim)  # unit RMS coordinates, as in Decoder.forward
+        out = super().forward(z)  # (B, K * C * s * s [+ K])
+        n = self.heads * math.prod(self.layout_shape)
+        layouts = out[:, :n].reshape(-1, self.heads, *self.layout_shape)  # (B, K, C, s, s)
+        return CoarseLayouts(layouts, out[:, n:] if self.heads > 1 else None)
 
 
 # Relaxed winner-takes-all: the non-winning layouts keep this share of the regression, so no head
@@ -338,7 +310,7 @@ class Decoder(ConfigModule):
         self.image_proj = nn.Linear(c.embed_dim, K * C)
         # Text token states (B, L, W) -> (B, L, C); absent when the decoder ignores text.
         self.text_proj = nn.Linear(c.text_width, C) if c.text_width > 0 else None
-        self.coarse = _coarse_mlp(c) if c.coarse_size else None
+        self.coarse = CoarseLayoutPath(c) if c.coarse_size else None
         self.vae = None
         if c.vae:
             from genvl.tokenizers.vqvae import VQVAE, VQVAEConfig
@@ -361,7 +333,7 @@ class Decoder(ConfigModule):
             projection_class_embeddings_input_dim=c.embed_dim,
         )
         # alpha_bar_t for the v -> epsilon conversion; derived from the config, so not saved.
-        self.register_buffer("alphas_cumprod", _alphas_cumprod(c.num_train_timesteps, c.beta_schedule), persistent=False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod_of(c.num_train_timesteps, c.beta_schedule), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -390,24 +362,15 @@ class Decoder(ConfigModule):
 
     def coarse_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, D) CLIP image embeddings -> (B, C, coarse_size, coarse_size): the coarse layout path's
-        prediction of the clean sample average-pooled to ``coarse_size`` (needs ``coarse_size > 0``)."""
+        picked layout (module docstring; needs ``coarse_size > 0``)."""
         return self.coarse_layouts(image_embeds).picked()
 
     def coarse_layouts(self, image_embeds: torch.Tensor) -> CoarseLayouts:
         """(B, D) CLIP image embeddings -> the coarse layout path's K proposed layouts and their
-        scores (:class:`CoarseLayouts`; needs ``coarse_size > 0``)."""
-        c = self.config
+        scores (:class:`CoarseLayouts`; needs ``coarse_size > 0``): ``self.coarse(image_embeds)``."""
         if self.coarse is None:
             raise ValueError("this decoder has no coarse layout path (coarse_size 0)")
-        z = image_embeds.to(self.dtype) * math.sqrt(c.embed_dim)  # unit RMS coordinates, as in forward
-        return self._coarse_from(z)
-
-    def _coarse_from(self, z: torch.Tensor) -> CoarseLayouts:
-        c, K = self.config, self.config.coarse_heads
-        out = self.coarse(z)  # (B, K * C * s * s [+ K])
-        n = K * c.sample_channels * c.coarse_size**2
-        layouts = out[:, :n].reshape(-1, K, c.sample_channels, c.coarse_size, c.coarse_size)
-        return CoarseLayouts(layouts, out[:, n:] if K > 1 else None)
+        return self.coarse(image_embeds)
 
     def add_coarse(self, size: int, hidden: int = 1024, heads: int = 1) -> "Decoder":
         """A copy of this decoder with a new coarse layout path of side ``size``, computing the same
@@ -438,7 +401,7 @@ class Decoder(ConfigModule):
             cfg = replace(self.config, coarse_heads=int(heads))
             _check_coarse(cfg)
             self.config = cfg
-        self.coarse = _coarse_mlp(self.config).to(device=self.device, dtype=self.dtype).train(self.training)
+        self.coarse = CoarseLayoutPath(self.config).to(device=self.device, dtype=self.dtype).train(self.training)
         return self
 
     @torch.no_grad()
@@ -477,11 +440,14 @@ class Decoder(ConfigModule):
         image_embeds: torch.Tensor,
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
-        raw: bool = False,
-        return_coarse: bool = False,
-        coarse_only: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        *,
+        target: str = "epsilon",
+    ) -> torch.Tensor:
         """Predict the noise of ``noisy``.
+
+        A decoder with a coarse layout path (module docstring) computes its picked layout from
+        ``image_embeds`` and feeds it to the UNet; the path's own output for a training loss is
+        ``self.coarse(image_embeds)``.
 
         Args:
             noisy: (B, *sample_shape) x_t: (B, 3, H, W) pixels or (B, C, h, w) latents.
@@ -489,22 +455,14 @@ class Decoder(ConfigModule):
             image_embeds: (B, D) CLIP image embedding (unit vectors; zeros = unconditional).
             text_states: (B, L, W) CLIP text token states, only when ``text_width > 0``; None = no text.
             text_mask: (B, L) 1 on real tokens (all zeros = unconditional); default all ones.
-            raw: return what the UNet itself predicts (``config.parameterization``: v or epsilon),
-                for a training loss on that target.
-            return_coarse: also return the coarse layout path's output (:class:`CoarseLayouts`),
-                for its auxiliary loss (:func:`coarse_loss`; one forward, so DDP sees each weight once).
-            coarse_only: return only the coarse layout path's output (:class:`CoarseLayouts`),
-                without running the UNet (training that path alone; ``noisy`` and ``timesteps``
-                are not used).
+            target: ``"epsilon"`` (samplers, classifiers) or ``"unet"``: what the UNet itself
+                predicts (``config.parameterization``: v or epsilon), for a training loss on that target.
 
         Returns:
-            (B, 3, H, W) the predicted epsilon (``raw``: v or epsilon); with ``return_coarse`` a
-            tuple (that, coarse layouts).
+            (B, *sample_shape) the prediction named by ``target``.
         """
-        if coarse_only:
-            if self.coarse is None:
-                raise ValueError("coarse_only: this decoder has no coarse layout path (coarse_size 0)")
-            return self.coarse_layouts(image_embeds)
+        if target not in PREDICTION_TARGETS:
+            raise ValueError(f"target must be one of {', '.join(PREDICTION_TARGETS)}, got {target!r}")
         c = self.config
         B = noisy.shape[0]
         if tuple(noisy.shape) != (B, *self.sample_shape):
@@ -536,13 +494,10 @@ class Decoder(ConfigModule):
         if not torch.is_tensor(timesteps) or timesteps.ndim == 0:
             timesteps = torch.as_tensor(timesteps, device=noisy.device).long().expand(B)  # (B,)
         sample = noisy.to(dtype)
-        coarse = None
         if self.coarse is not None:
-            coarse = self._coarse_from(z)
-            up = F.interpolate(coarse.picked(), size=sample.shape[-2:], mode="bilinear", align_corners=False)
+            layout = self.coarse(image_embeds).picked()  # (B, C, c, c)
+            up = F.interpolate(layout, size=sample.shape[-2:], mode="bilinear", align_corners=False)
             sample = torch.cat([sample, up], dim=1)  # (B, 2C, s, s)
-        elif return_coarse:
-            raise ValueError("this decoder has no coarse layout path (coarse_size 0)")
         out = self.unet(
             sample,
             timesteps,
@@ -550,9 +505,9 @@ class Decoder(ConfigModule):
             class_labels=z,  # added to the time embedding through the projection MLP
             encoder_attention_mask=mask,
         ).sample  # (B, 3, H, W) v or epsilon
-        if not raw:
-            out = _to_epsilon(out, noisy, timesteps, self.alphas_cumprod, c.parameterization)  # (B, 3, H, W)
-        return (out, coarse) if return_coarse else out
+        if target == "unet":
+            return out
+        return to_epsilon(out, noisy, timesteps, self.alphas_cumprod, c.parameterization)  # (B, 3, H, W)
 
     def make_scheduler(self, kind: str = "ddpm"):
         """A diffusers scheduler for this decoder's noise schedule (epsilon prediction).
@@ -560,173 +515,4 @@ class Decoder(ConfigModule):
         Args:
             kind: "ddpm" | "ddim" | "dpm++" (DPM-Solver++ multistep).
         """
-        return _make_scheduler(kind, self.config.num_train_timesteps, self.config.beta_schedule, self.clip_range)
-
-
-# -------------------------------------------------------------------------------------------------
-# Super-resolution
-# -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SuperResConfig:
-    """Sizes of the super-resolution UNet, its noise schedule and the low-res noise augmentation.
-
-    ``attention_levels``: how many of the lowest-resolution levels have self-attention
-    (0 = a pure convolutional UNet, as DALL-E 2's upsamplers).
-    """
-
-    image_size: int = 256
-    low_res_size: int = 64
-    block_out_channels: list[int] = field(default_factory=lambda: [128, 128, 256, 256])
-    layers_per_block: int = 2
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
-    max_aug_level: int = 250  # low-res noise augmentation timesteps are drawn from [0, max_aug_level)
-    attention_levels: int = 0
-    attention_head_dim: int = 64
-    norm_num_groups: int = 32
-    parameterization: str = "v"  # what the inner UNet predicts: v | epsilon (forward returns epsilon)
-
-    @property
-    def down_block_types(self) -> list[str]:
-        n = len(self.block_out_channels)
-        return ["AttnDownBlock2D" if i >= n - self.attention_levels else "DownBlock2D" for i in range(n)]
-
-    @property
-    def up_block_types(self) -> list[str]:
-        return [t.replace("Down", "Up") for t in reversed(self.down_block_types)]
-
-
-SUPERRES_SIZES: dict[str, SuperResConfig] = {
-    # ~0.5M parameters: unit tests, 16 -> 32 px.
-    "tiny": SuperResConfig(
-        image_size=32, low_res_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
-        max_aug_level=250,
-    ),
-    # ~3.5M parameters: the demo's 32 -> 64 px upsampler.
-    "small": SuperResConfig(
-        image_size=64, low_res_size=32, block_out_channels=[64, 96, 128], layers_per_block=1, norm_num_groups=16,
-    ),
-    # ~130M parameters: DALL-E 2-like 64 -> 256 px upsampler (convolutional).
-    "base": SuperResConfig(),
-}
-
-
-def superres_config(size: str = "tiny", **overrides) -> SuperResConfig:
-    """A named size from :data:`SUPERRES_SIZES` with field overrides."""
-    if size not in SUPERRES_SIZES:
-        raise ValueError(f"unknown super-resolution size {size!r}; known: {', '.join(SUPERRES_SIZES)}")
-    cfg = replace(SUPERRES_SIZES[size], **overrides)
-    cfg.block_out_channels = [int(c) for c in cfg.block_out_channels]
-    for name in ("low_res_size", "layers_per_block", "num_train_timesteps", "attention_head_dim", "norm_num_groups"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"super-resolution config: {name} must be >= 1, got {getattr(cfg, name)}")
-    _check_unet("super-resolution", cfg.image_size, cfg.block_out_channels, cfg.norm_num_groups, cfg.parameterization)
-    if cfg.low_res_size >= cfg.image_size:
-        raise ValueError(
-            f"super-resolution config: low_res_size {cfg.low_res_size} must be below image_size {cfg.image_size}"
-        )
-    if not 0 <= cfg.max_aug_level <= cfg.num_train_timesteps:
-        raise ValueError(
-            f"super-resolution config: max_aug_level must be in [0, {cfg.num_train_timesteps}], got {cfg.max_aug_level}"
-        )
-    if not 0 <= cfg.attention_levels <= len(cfg.block_out_channels):
-        raise ValueError(f"super-resolution config: attention_levels must be in [0, {len(cfg.block_out_channels)}]")
-    return cfg
-
-
-@register_component
-class SuperRes(ConfigModule):
-    """Epsilon-predicting super-resolution UNet conditioned on a (noise-augmented) low-res image."""
-
-    config_class = SuperResConfig
-
-    def __init__(self, config: SuperResConfig):
-        super().__init__(config)
-        from diffusers import UNet2DModel
-
-        c = config
-        if c.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
-                f"super-resolution parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {c.parameterization!r}"
-            )
-        self.unet = UNet2DModel(
-            sample_size=c.image_size,
-            in_channels=6,  # noisy high-res (3) + upsampled low-res (3)
-            out_channels=3,
-            down_block_types=tuple(c.down_block_types),
-            up_block_types=tuple(c.up_block_types),
-            block_out_channels=tuple(c.block_out_channels),
-            layers_per_block=c.layers_per_block,
-            attention_head_dim=c.attention_head_dim,
-            norm_num_groups=c.norm_num_groups,
-            add_attention=c.attention_levels > 0,  # the mid block's self-attention
-            class_embed_type="timestep",  # aug_level -> sinusoidal + MLP, added to the time embedding
-        )
-        self.register_buffer("alphas_cumprod", _alphas_cumprod(c.num_train_timesteps, c.beta_schedule), persistent=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.conv_in.weight.dtype
-
-    def upsample(self, low_res: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """(B, 3, h, w) -> (B, 3, H, W) bicubic, the conditioning image the UNet sees (``size``: (H, W),
-        default the model's image size)."""
-        S = self.config.image_size
-        return F.interpolate(low_res, size=size or (S, S), mode="bicubic", align_corners=False)
-
-    def forward(
-        self, noisy: torch.Tensor, timesteps: torch.Tensor, low_res: torch.Tensor, aug_level: torch.Tensor,
-        raw: bool = False,
-    ) -> torch.Tensor:
-        """Predict the noise of ``noisy`` given the low-resolution image.
-
-        Args:
-            noisy: (B, 3, H, W) x_t of the high-resolution image.
-            timesteps: (B,) long diffusion steps (a scalar is broadcast).
-            low_res: (B, 3, h, w) the low-resolution image in [-1, 1], already noise-augmented to
-                ``aug_level`` (with the same schedule's ``add_noise``; level 0 = clean).
-            aug_level: (B,) long augmentation timesteps (a scalar is broadcast).
-            raw: return what the UNet itself predicts (v or epsilon), as :class:`Decoder` does.
-
-        Returns:
-            (B, 3, H, W) the predicted epsilon (``raw``: v or epsilon).
-        """
-        c = self.config
-        B = noisy.shape[0]
-        S, s = c.image_size, c.low_res_size
-        # A convolutional upsampler (attention_levels 0) also takes crops (H, W) of the full image, with
-        # the low-res crop at the same scale (training on crops is ~4x cheaper, as DALL-E 2's upsamplers).
-        full = noisy.shape == (B, 3, S, S)
-        if noisy.ndim != 4 or noisy.shape[1] != 3 or (not full and c.attention_levels > 0):
-            raise ValueError(f"super-resolution expects noisy images of shape ({B}, 3, {S}, {S}), got {tuple(noisy.shape)}")
-        H, W = noisy.shape[-2:]
-        if low_res.ndim != 4 or low_res.shape[:2] != (B, 3) or low_res.shape[-2] * S != H * s or low_res.shape[-1] * S != W * s:
-            raise ValueError(f"super-resolution expects low_res of shape ({B}, 3, {H * s // S}, {W * s // S}) for noisy "
-                             f"images of {H}x{W}, got {tuple(low_res.shape)}")
-        dtype = self.dtype
-        if not torch.is_tensor(timesteps) or timesteps.ndim == 0:
-            timesteps = torch.as_tensor(timesteps, device=noisy.device).long().expand(B)  # (B,)
-        if not torch.is_tensor(aug_level) or aug_level.ndim == 0:
-            aug_level = torch.as_tensor(aug_level, device=noisy.device).long().expand(B)  # (B,)
-        cond = self.upsample(low_res.to(dtype), (H, W))  # (B, 3, H, W)
-        x = torch.cat([noisy.to(dtype), cond], dim=1)  # (B, 6, H, W)
-        out = self.unet(x, timesteps, class_labels=aug_level).sample  # (B, 3, H, W) v or epsilon
-        if raw:
-            return out
-        return _to_epsilon(out, noisy, timesteps, self.alphas_cumprod, c.parameterization)  # (B, 3, H, W)
-
-    def make_scheduler(self, kind: str = "ddpm"):
-        """A diffusers scheduler for this model's noise schedule (epsilon prediction).
-
-        Also the schedule of the low-res noise augmentation (``add_noise`` at ``aug_level``).
-
-        Args:
-            kind: "ddpm" | "ddim" | "dpm++" (DPM-Solver++ multistep).
-        """
-        return _make_scheduler(kind, self.config.num_train_timesteps, self.config.beta_schedule)
+        return build_scheduler(kind, self.config.num_train_timesteps, self.config.beta_schedule, self.clip_range)

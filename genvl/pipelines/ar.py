@@ -17,46 +17,38 @@ from typing import Any
 import torch
 
 from genvl.errors import GenvlError
-from genvl.pipelines.base import PipelineOutput
+from genvl.pipelines.base import Pipeline, PipelineOutput, move, open_model
 from genvl.sampling import autoregressive as ar
 from genvl.sampling.io import to_pil_images
 
 AR_GUIDANCE = 3.0  # classifier-free guidance of the image codes when the model recommends none
 
 
-class ARPipeline:
+class ARPipeline(Pipeline):
     """A model directory's token LM, VQ-VAE and tokenizer.
 
     Args:
         lm, vq, tokenizer: the parts (checked to fit together).
-        recommended: the model's recommended sampling settings (``genvl.json`` "sampling").
-        name: how outputs name the model (its path).
+        recommended, name: as for :class:`~genvl.pipelines.base.Pipeline`.
     """
 
     def __init__(self, lm, vq, tokenizer, recommended: dict[str, Any] | None = None, name: str = ""):
+        super().__init__(recommended, name)
         ar.check_parts(lm, vq, tokenizer, None)
         self.lm, self.vq, self.tokenizer = lm, vq, tokenizer
-        self.recommended = dict(recommended or {})
-        self.name = name
 
     @classmethod
     def from_pretrained(cls, model: str | Path | Any = "demo", *, device: str | torch.device = "cpu",
                         purpose: str = "autoregressive generation") -> "ARPipeline":
         """Load the ``lm``, ``vqvae`` and tokenizer of a model directory (a path, ``"demo"`` or a
         :class:`~genvl.checkpoint.ModelDir`)."""
-        from genvl.checkpoint import ModelDir, open_model_dir
-
-        md = model if isinstance(model, ModelDir) else open_model_dir(model)
+        md, name = open_model(model)
         md.require("lm", "vqvae", purpose=purpose)
-        name = str(model) if isinstance(model, (str, Path)) and Path(model).exists() else str(md.path)
         return cls(md.load("lm", device=device).eval(), md.load("vqvae", device=device).eval(), md.tokenizer(),
                    md.meta.get("sampling", {}), name)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ARPipeline":
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        if kwargs:
-            self.lm.to(**kwargs)
-            self.vq.to(**kwargs)
+        move((self.lm, self.vq), device, dtype)
         return self
 
     @property

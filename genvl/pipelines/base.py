@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +24,38 @@ def resolve_settings(recommended: dict[str, Any], given: dict[str, Any]) -> dict
         value = given.get(key)
         out[key] = value if value is not None else type(default)(recommended.get(key, default))
     return out
+
+
+class Pipeline:
+    """What every pipeline holds besides its parts (the subclasses add those).
+
+    Args:
+        recommended: the model's recommended sampling settings (``genvl.json`` "sampling").
+        name: how outputs name the model (its path).
+    """
+
+    def __init__(self, recommended: dict[str, Any] | None = None, name: str = ""):
+        self.recommended = dict(recommended or {})
+        self.name = name
+
+
+def open_model(model) -> tuple[Any, str]:
+    """(the :class:`~genvl.checkpoint.ModelDir`, the name outputs give it) of a path, ``"demo"`` or an
+    opened model directory: the path as given when it is one, else the directory's own."""
+    from genvl.checkpoint import ModelDir, open_model_dir
+
+    md = model if isinstance(model, ModelDir) else open_model_dir(model)
+    name = str(model) if isinstance(model, (str, Path)) and Path(model).exists() else str(md.path)
+    return md, name
+
+
+def move(modules: Iterable[torch.nn.Module | None], device=None, dtype: torch.dtype | None = None) -> None:
+    """Move and / or cast every module that is there (None: left out)."""
+    kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if kwargs:
+        for m in modules:
+            if m is not None:
+                m.to(**kwargs)
 
 
 @dataclass

@@ -8,7 +8,7 @@
 
 Settings a call leaves out (None) take the model directory's recommended ones (``genvl.json``
 "sampling"), else :data:`~genvl.pipelines.base.SAMPLE_DEFAULTS`, exactly as ``genvl sample`` does.
-The loops themselves are :mod:`genvl.sampling.unclip`'s.
+The loops themselves are :mod:`genvl.sampling.unclip`'s (prior and decoder sampling underneath).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from genvl.errors import GenvlError
-from genvl.pipelines.base import SAMPLE_DEFAULTS, PipelineOutput, resolve_settings
+from genvl.pipelines.base import SAMPLE_DEFAULTS, Pipeline, PipelineOutput, move, open_model, resolve_settings
 from genvl.sampling import unclip
 from genvl.sampling.io import to_pil_images
 
@@ -30,20 +30,18 @@ DEFAULT_STRENGTH = 0.75
 Callback = Callable[[str, int, int], None]  # (stage, step, total) after every denoising step
 
 
-class UnclipPipeline:
+class UnclipPipeline(Pipeline):
     """A text-to-image model directory (clip, tokenizer, prior, decoder [, sr]) with its settings.
 
     Args:
         components: the loaded parts (:class:`~genvl.sampling.unclip.UnclipComponents`).
-        recommended: the model's recommended sampling settings (``genvl.json`` "sampling").
-        name: how outputs name the model (its path).
+        recommended, name: as for :class:`~genvl.pipelines.base.Pipeline`.
     """
 
     def __init__(self, components: unclip.UnclipComponents, recommended: dict[str, Any] | None = None,
                  name: str = ""):
+        super().__init__(recommended, name)
         self.components = components
-        self.recommended = dict(recommended or {})
-        self.name = name
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -51,21 +49,15 @@ class UnclipPipeline:
                         dtype: torch.dtype | None = None) -> "UnclipPipeline":
         """Load a model directory (a path, ``"demo"`` for the built-in model, or an opened
         :class:`~genvl.checkpoint.ModelDir`) with its recommended sampling settings."""
-        from genvl.checkpoint import ModelDir, open_model_dir
-
-        md = model if isinstance(model, ModelDir) else open_model_dir(model)
+        md, name = open_model(model)
         comps = unclip.UnclipComponents.from_model_dir(md, device=device)
-        name = str(model) if isinstance(model, (str, Path)) and Path(model).exists() else str(md.path)
         pipe = cls(comps, md.meta.get("sampling", {}), name)
         return pipe.to(dtype=dtype) if dtype is not None else pipe
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "UnclipPipeline":
         """Move (and / or cast) every part; returns the pipeline."""
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        if kwargs:
-            for m in (self.components.clip, self.components.prior, self.components.decoder, self.components.sr):
-                if m is not None:
-                    m.to(**kwargs)
+        c = self.components
+        move((c.clip, c.prior, c.decoder, c.sr), device, dtype)
         return self
 
     @property

@@ -44,16 +44,20 @@ from torch import nn
 from genvl.errors import GenvlError
 from genvl.limits import MAX_IMAGES, check_memory
 from genvl.models.lm import TokenLayout, decode_caption, encode_captions
-from genvl.sampling.unclip import (
+from genvl.sampling.common import (
     Progress,
-    _as_pixels,
-    _check_count,
-    _check_guidance,
-    _check_prompts,
-    _derive_seed,
-    _resize,
-    _resolve_generator,
-    _steps,
+    apply_guidance,
+    as_pixels,
+    check_count,
+    check_guidance,
+    check_prompts,
+    device_generator,
+    dynamic_cache,
+    left_pad,
+    positions,
+    progress_steps,
+    resize,
+    resolve_generator,
 )
 from genvl.tokenizers.text import warn_truncated
 
@@ -154,8 +158,7 @@ def guide(logits: torch.Tensor, batch: int, guidance: float) -> torch.Tensor:
     Returns:
         (B, V).
     """
-    cond, uncond = logits[:batch], logits[batch:]
-    return uncond + guidance * (cond - uncond)
+    return apply_guidance(logits[batch:], logits[:batch], guidance)
 
 
 def filter_logits(
@@ -214,31 +217,6 @@ def sample_tokens(
 
 
 # -------------------------------------------------------------------------------------- decoding
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of different lengths -> ids (R, P) and mask (R, P), padded on the left."""
-    P = max(len(r) for r in rows)
-    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), P, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, P - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """(R, L) attention mask -> (R, L) positions counted from each row's first real token."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _dynamic_cache(lm):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=lm.hf_config)
-    except TypeError:  # transformers < 4.56 takes no config
-        return DynamicCache()
-
-
 def static_supported(lm) -> bool:
     """Static-cache decoding needs transformers >= 5 (the cache tracks its own positions)."""
     return "cache_position" not in lm._kwargs
@@ -290,20 +268,20 @@ class IncrementalDecoder:
         """
         R, P = ids.shape
         self.ids, self.mask = ids, mask
-        self.pos = _positions(mask)[:, -1:]  # (R, 1) position of the last prompt token
+        self.pos = positions(mask)[:, -1:]  # (R, 1) position of the last prompt token
         self.seen = 0
         if self.mode == "none":
-            out = self._forward(ids, mask, _positions(mask), None)
+            out = self._forward(ids, mask, positions(mask), None)
         elif self.mode == "dynamic":
-            self.cache = _dynamic_cache(self.lm)
-            out = self._forward(ids, mask, _positions(mask), self.cache)
+            self.cache = dynamic_cache(self.lm)
+            out = self._forward(ids, mask, positions(mask), self.cache)
         else:
             if self.max_len < P + 1:
                 raise GenvlError(f"static decoding: max_len {self.max_len} leaves no room after a {P}-token prompt")
             self._setup_static(R)
             # fixed-size mask: the prompt's padding, then every later position (the causal mask hides the future)
             self.mask = torch.cat([mask, mask.new_ones(R, self.max_len - P)], dim=1)  # (R, max_len)
-            out = self._forward(ids, self.mask, _positions(mask), self.cache)
+            out = self._forward(ids, self.mask, positions(mask), self.cache)
         self.seen = P
         return out.float()
 
@@ -341,7 +319,7 @@ class IncrementalDecoder:
         if self.mode == "none":
             self.ids = torch.cat([self.ids, tok], dim=1)
             self.mask = torch.cat([self.mask, torch.ones_like(tok)], dim=1)
-            out = self._forward(self.ids, self.mask, _positions(self.mask), None)
+            out = self._forward(self.ids, self.mask, positions(self.mask), None)
         elif self.mode == "dynamic":
             self.mask = torch.cat([self.mask, torch.ones_like(tok)], dim=1)  # (R, seen + 1)
             out = self._forward(tok, self.mask, self.pos, self.cache)
@@ -367,26 +345,29 @@ def _decode_mode(lm, fast: bool, use_cache: bool) -> tuple[str, bool]:
     return "dynamic", False
 
 
-def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded by one draw of ``generator`` (sampling noise is drawn there)."""
-    return torch.Generator(device=device).manual_seed(_derive_seed(generator))
+def _decoding(lm, seed: int | None, generator: torch.Generator | None, fast: bool,
+              use_cache: bool) -> tuple[torch.Generator, int | None, str, bool]:
+    """What a sampling call decodes with: (a generator on the LM's device drawn from the seed or the
+    caller's generator, the seed or None, the decode mode, whether to compile)."""
+    gen, seed = resolve_generator(seed, generator)
+    mode, compile = _decode_mode(lm, fast, use_cache)
+    return device_generator(gen, lm.device), seed, mode, compile
+
+
+def _prefill(lm: nn.Module, layout: TokenLayout, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, kind: str,
+             decode: str, compile: bool) -> tuple[IncrementalDecoder, torch.Tensor, torch.Tensor]:
+    """A decoder with room for ``new_tokens`` after the prompts (R, P), the next-token logits (R, V) and
+    the (V,) ids of ``kind`` ("image" codes or "text") that may be sampled."""
+    dec = IncrementalDecoder(lm, decode, max_len=ids.shape[1] + new_tokens, compile=compile)
+    logits = dec.prefill(ids, mask)  # (R, V)
+    return dec, logits, layout.allowed_ids(kind, logits.shape[-1], lm.device)
 
 
 @torch.no_grad()
 def generate_image_codes(
-    lm: nn.Module,
-    layout: TokenLayout,
-    prompt_ids: list[list[int]],
-    guidance: float = 3.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    *,
-    decode: str = "dynamic",
-    compile: bool = False,
-    cfg: bool | None = None,
-    progress: Progress = None,
+    lm: nn.Module, layout: TokenLayout, prompt_ids: list[list[int]], guidance: float = 3.0,
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None, *,
+    decode: str = "dynamic", compile: bool = False, cfg: bool | None = None, progress: Progress = None,
 ) -> torch.Tensor:
     """Sample N image codes for each caption (text ids) with classifier-free guidance.
 
@@ -411,7 +392,7 @@ def generate_image_codes(
         (B, N) long codes in [0, K).
     """
     check_sampling(temperature, top_k, top_p)
-    _check_guidance("guidance", guidance)
+    check_guidance("guidance", guidance)
     if not prompt_ids:
         raise GenvlError("no prompt given")
     B, N = len(prompt_ids), layout.image_tokens
@@ -420,12 +401,10 @@ def generate_image_codes(
     if guided:
         rows += [layout.t2i_prompt([])] * B  # (2B rows) unconditional: empty caption
     device = lm.device
-    ids, mask = _left_pad(rows, layout.pad_id, device)  # (R, P)
-    dec = IncrementalDecoder(lm, decode, max_len=ids.shape[1] + N, compile=compile)
-    logits = dec.prefill(ids, mask)  # (R, V)
-    allowed = layout.allowed_ids("image", logits.shape[-1], device)  # (V,)
+    ids, mask = left_pad(rows, layout.pad_id, device)  # (R, P)
+    dec, logits, allowed = _prefill(lm, layout, ids, mask, N, "image", decode, compile)  # (R, V), (V,)
     out = torch.empty(B, N, dtype=torch.long, device=device)
-    for i in _steps(range(N), "lm", progress):
+    for i in progress_steps(range(N), "lm", progress):
         if guided:
             logits = guide(logits, B, guidance)  # (B, V)
         tok = sample_tokens(logits, allowed, temperature, top_k, top_p, generator)  # (B,)
@@ -437,18 +416,9 @@ def generate_image_codes(
 
 @torch.no_grad()
 def generate_caption_ids(
-    lm: nn.Module,
-    layout: TokenLayout,
-    codes: torch.Tensor,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    *,
-    decode: str = "dynamic",
-    compile: bool = False,
-    progress: Progress = None,
+    lm: nn.Module, layout: TokenLayout, codes: torch.Tensor, max_new_tokens: int = 32,
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None, *,
+    decode: str = "dynamic", compile: bool = False, progress: Progress = None,
 ) -> list[list[int]]:
     """Caption images given as codes: "<bos> <boi> codes <eoi>" then text ids until <eos>.
 
@@ -468,19 +438,17 @@ def generate_caption_ids(
         B lists of text ids (without <eos>).
     """
     check_sampling(temperature, top_k, top_p)
-    _check_count("max_new_tokens", max_new_tokens)
+    check_count("max_new_tokens", max_new_tokens)
     # a caption is at most text_len tokens and <eos>: the longest sequence the LM was trained on
     max_new_tokens = min(max_new_tokens, lm.config.text_len + 1)
     device = lm.device
     ids = layout.i2t_prompt(codes.to(device))  # (B, N + 3)
     B = ids.shape[0]
     mask = torch.ones_like(ids)
-    dec = IncrementalDecoder(lm, decode, max_len=ids.shape[1] + max_new_tokens, compile=compile)
-    logits = dec.prefill(ids, mask)  # (B, V)
-    allowed = layout.allowed_ids("text", logits.shape[-1], device)
+    dec, logits, allowed = _prefill(lm, layout, ids, mask, max_new_tokens, "text", decode, compile)  # (B, V), (V,)
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for i in _steps(range(max_new_tokens), "caption", progress):
+    for i in progress_steps(range(max_new_tokens), "caption", progress):
         tok = sample_tokens(logits, allowed, temperature, top_k, top_p, generator)  # (B,)
         tok = torch.where(done, torch.full_like(tok, layout.eos_id), tok)
         out = torch.cat([out, tok[:, None]], dim=1)
@@ -503,21 +471,9 @@ def _vq_device(vq: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def text_to_image(
-    lm: nn.Module,
-    vq: nn.Module,
-    tokenizer,
-    layout: TokenLayout | None,
-    prompts,
-    num_images: int = 1,
-    guidance: float = 3.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    *,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    fast: bool = False,
-    use_cache: bool = True,
+    lm: nn.Module, vq: nn.Module, tokenizer, layout: TokenLayout | None, prompts, num_images: int = 1,
+    guidance: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
+    seed: int | None = None, generator: torch.Generator | None = None, fast: bool = False, use_cache: bool = True,
     progress: Progress = None,
 ) -> ARImageOutput:
     """Text -> image with the token LM and the VQ-VAE decoder.
@@ -542,10 +498,10 @@ def text_to_image(
     Returns:
         ARImageOutput(images (B, 3, S, S), codes (B, h, w), prompts, seed, settings).
     """
-    prompts = _check_prompts(prompts)
-    _check_count("num_images", num_images, MAX_IMAGES, "images per prompt")
+    prompts = check_prompts(prompts)
+    check_count("num_images", num_images, MAX_IMAGES, "images per prompt")
     check_sampling(temperature, top_k, top_p)
-    _check_guidance("guidance", guidance)
+    check_guidance("guidance", guidance)
     layout = check_parts(lm, vq, tokenizer, layout)
     _check_lm_memory(lm, len(prompts) * num_images * (2 if guidance != 1.0 else 1),
                      f"generating {len(prompts) * num_images} image(s) with the token LM")
@@ -554,13 +510,11 @@ def text_to_image(
     for p, t in zip(prompts, text):
         if not t:
             raise GenvlError(f"prompt {p!r} has no tokens the text tokenizer knows")
-    gen, seed = _resolve_generator(seed, generator)
-    device = lm.device
-    mode, compile = _decode_mode(lm, fast, use_cache)
+    token_gen, seed, mode, compile = _decoding(lm, seed, generator, fast, use_cache)
     rows = [t for t in text for _ in range(num_images)]  # (B) prompt-major
     codes = generate_image_codes(
         lm, layout, rows, guidance=float(guidance), temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-        generator=_device_generator(gen, device), decode=mode, compile=compile, progress=progress,
+        generator=token_gen, decode=mode, compile=compile, progress=progress,
     )  # (B, N)
     h = vq.latent_size
     codes = codes.view(-1, h, h)  # (B, h, w)
@@ -573,20 +527,9 @@ def text_to_image(
 
 @torch.no_grad()
 def caption(
-    lm: nn.Module,
-    vq: nn.Module,
-    tokenizer,
-    layout: TokenLayout | None,
-    images,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    *,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    fast: bool = False,
-    use_cache: bool = True,
+    lm: nn.Module, vq: nn.Module, tokenizer, layout: TokenLayout | None, images, max_new_tokens: int = 32,
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, *,
+    seed: int | None = None, generator: torch.Generator | None = None, fast: bool = False, use_cache: bool = True,
     progress: Progress = None,
 ) -> CaptionOutput:
     """Image -> text: VQ-VAE codes of each image, then the LM writes the caption.
@@ -605,18 +548,16 @@ def caption(
     Returns:
         CaptionOutput(captions, token_ids, codes (B, h, w), seed, settings).
     """
-    _check_count("max_new_tokens", max_new_tokens)
+    check_count("max_new_tokens", max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     layout = check_parts(lm, vq, tokenizer, layout)
     S = vq.config.image_size
-    pixels = _resize(_as_pixels(images, size=S), S)  # (B, 3, S, S)
+    pixels = resize(as_pixels(images, size=S), S)  # (B, 3, S, S)
     codes = vq.encode(pixels.to(_vq_device(vq)))  # (B, h, w)
-    gen, seed = _resolve_generator(seed, generator)
-    device = lm.device
-    mode, compile = _decode_mode(lm, fast, use_cache)
+    token_gen, seed, mode, compile = _decoding(lm, seed, generator, fast, use_cache)
     ids = generate_caption_ids(
         lm, layout, codes, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-        top_p=float(top_p), generator=_device_generator(gen, device), decode=mode, compile=compile, progress=progress,
+        top_p=float(top_p), generator=token_gen, decode=mode, compile=compile, progress=progress,
     )
     captions = [decode_caption(tokenizer, layout, row) for row in ids]
     settings = dict(method="ar-caption", max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -38,32 +38,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from genvl import limits
 from genvl.errors import GenvlError
-from genvl.limits import MAX_DOC_IMAGES, MAX_NEW_TOKENS, check_count
+from genvl.limits import MAX_DOC_IMAGES, MAX_NEW_TOKENS
 from genvl.models.interleaved import InterleavedLayout
-from genvl.sampling.autoregressive import (
-    _device_generator,
-    _dynamic_cache,
-    _left_pad,
-    _positions,
-    check_sampling,
-    sample_tokens,
-)
-from genvl.sampling.unclip import (
+from genvl.sampling.autoregressive import check_sampling, sample_tokens
+from genvl.sampling.common import (
     Progress,
-    _check_count,
-    _check_guidance,
-    _check_scheduler,
-    _check_steps,
-    _derive_seed,
-    _module_device,
-    _resolve_generator,
-    _steps,
-    sample_decoder,
+    apply_guidance,
+    check_count,
+    check_diffusion,
+    check_guidance,
+    derive_seed,
+    device_generator,
+    dynamic_cache,
+    left_pad,
+    module_device,
+    positions,
+    progress_steps,
+    resolve_generator,
 )
+from genvl.sampling.decoder import sample_decoder
 from genvl.tokenizers.text import clip_text
 
 DEFAULT_IMAGE_GUIDANCE = 2.0  # classifier-free guidance of the regressed embeddings, when the model names none
+DEFAULT_NEW_TOKENS = 48  # text tokens a document continuation writes at most, when the call names no limit
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -148,7 +147,7 @@ class IncrementalDecoder:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.cache = _dynamic_cache(model)
+        self.cache = dynamic_cache(model)
         self.seen = 0
 
     def _forward(self, ids, visual, mask, pos):
@@ -172,8 +171,8 @@ class IncrementalDecoder:
             (logits (R, V), regression (R, C)) of the next element.
         """
         self.mask = mask
-        self.pos = _positions(mask)[:, -1:]  # (R, 1)
-        return self._forward(ids, visual, mask, _positions(mask))
+        self.pos = positions(mask)[:, -1:]  # (R, 1)
+        return self._forward(ids, visual, mask, positions(mask))
 
     def step(self, ids: torch.Tensor, visual: torch.Tensor | None = None):
         """Feed one id per row (with its slot value (R, C) when the ids are slot placeholders)."""
@@ -199,7 +198,7 @@ def _regress_image(model: nn.Module, cond: IncrementalDecoder, reg_c: torch.Tens
     lay = model.config.layout
     slots = []
     for j in range(lay.visual_tokens):
-        s = reg_c if uncond is None else reg_u + guidance * (reg_c - reg_u)  # (B, C)
+        s = reg_c if uncond is None else apply_guidance(reg_u, reg_c, guidance)  # (B, C)
         slots.append(s)
         ids = torch.full((s.shape[0],), lay.slot_id(j), dtype=torch.long, device=s.device)
         _, reg_c = cond.step(ids, s)
@@ -229,12 +228,12 @@ def generate_image_embeds(model: nn.Module, prompts: list[list[int]], guidance: 
     Returns:
         (B, D) unit embeddings (on the model's device).
     """
-    _check_guidance("image_guidance", guidance)
+    check_guidance("image_guidance", guidance)
     if not prompts:
         raise GenvlError("no prompt given")
     lay = model.config.layout
     rows = [[lay.bos_id, *p, lay.boi_id] for p in prompts]
-    ids, mask = _left_pad(rows, lay.pad_id, model.device)  # (B, P)
+    ids, mask = left_pad(rows, lay.pad_id, model.device)  # (B, P)
     cond = IncrementalDecoder(model)
     _, reg_c = cond.prefill(ids, mask)  # (B, C)
     uncond = reg_u = None
@@ -307,22 +306,10 @@ def read_prompt_file(path: str | Path) -> list[list[dict]]:
 # ------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate_document(
-    parts: InterleavedParts,
-    prompt,
-    max_new_tokens: int = 64,
-    max_images: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
-    force_image: bool = False,
-    steps: int = 50,
-    guidance: float = 3.0,
-    scheduler: str = "ddim",
-    decode_images: bool = True,
-    *,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
+    parts: InterleavedParts, prompt, max_new_tokens: int = DEFAULT_NEW_TOKENS, max_images: int = 1,
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+    force_image: bool = False, steps: int = 50, guidance: float = 3.0, scheduler: str = "ddim",
+    decode_images: bool = True, *, seed: int | None = None, generator: torch.Generator | None = None,
     progress: Progress = None,
 ) -> DocumentOutput:
     """Continue a document of text and images.
@@ -345,18 +332,16 @@ def generate_document(
     Returns:
         DocumentOutput with the prompt's and the generated segments.
     """
-    _check_count("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS, "tokens")
+    check_count("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS, "tokens")
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 0:
         raise GenvlError(f"max_images must be an integer >= 0, got {max_images!r}")
-    check_count("max_images", max_images, MAX_DOC_IMAGES, lo=0, what="images per document")
+    limits.check_count("max_images", max_images, MAX_DOC_IMAGES, lo=0, what="images per document")
     if force_image and max_images < 1:
         raise GenvlError("force_image needs max_images >= 1")
     check_sampling(temperature, top_k, top_p)
-    _check_guidance("image_guidance", image_guidance)
+    check_guidance("image_guidance", image_guidance)
     if decode_images:
-        _check_steps("steps", steps)
-        _check_guidance("guidance", guidance)
-        _check_scheduler(scheduler)
+        check_diffusion(steps, guidance, scheduler)
         if parts.decoder is None:
             raise GenvlError("drawing the generated images needs a decoder component; this model has none")
     parts.check()
@@ -384,7 +369,7 @@ def generate_document(
             pixels = None
         else:
             pixels = _image_pixels(seg["image"], S)  # (3, S, S)
-            z = clip.encode_image(pixels[None].to(_module_device(clip))).float()[0].cpu()  # (D,) unit
+            z = clip.encode_image(pixels[None].to(module_device(clip))).float()[0].cpu()  # (D,) unit
         elements.append(len(embeds))
         embeds.append(z)
         out_segments.append({"image": pixels, "embedding": z, "generated": False})
@@ -399,8 +384,8 @@ def generate_document(
         j = ids[0][is_slot] - lay.slot_id(0)  # (Nv,) slot of each slot position
         visual = slots[torch.tensor(enc.slot_images, dtype=torch.long, device=device), j]  # (Nv, C)
 
-    gen, seed = _resolve_generator(seed, generator)
-    token_gen = _device_generator(gen, device)
+    gen, seed = resolve_generator(seed, generator)
+    token_gen = device_generator(gen, device)
     guided = image_guidance != 1.0
     dec = IncrementalDecoder(model)
     logits, reg = dec.prefill(ids, torch.ones_like(ids), visual)  # (1, V), (1, C)
@@ -416,7 +401,7 @@ def generate_document(
             out_segments.append({"text": text, "generated": True})
             text_ids.clear()
 
-    bar = _steps(range(max_new_tokens + max_images), "interleaved", progress)
+    bar = progress_steps(range(max_new_tokens + max_images), "interleaved", progress)
     for _ in bar:
         room_image = n_images < max_images and length + lay.visual_tokens + 2 <= cfg.max_len
         if force_image and n_images == 0 and n_text == 0:
@@ -460,8 +445,8 @@ def generate_document(
     flush_text()
 
     if decode_images and new_embeds:
-        gens = [torch.Generator().manual_seed(_derive_seed(gen)) for _ in new_embeds]  # one per image
-        images = sample_decoder(parts.decoder, torch.stack(new_embeds).to(_module_device(parts.decoder)), steps=steps,
+        gens = [torch.Generator().manual_seed(derive_seed(gen)) for _ in new_embeds]  # one per image
+        images = sample_decoder(parts.decoder, torch.stack(new_embeds).to(module_device(parts.decoder)), steps=steps,
                                 guidance=guidance, scheduler=scheduler, generator=gens, progress=progress).cpu()
         it = iter(images)
         for s in out_segments:

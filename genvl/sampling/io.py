@@ -1,4 +1,4 @@
-"""Writing generated images: PNGs that carry their generation settings, grids, safe file names."""
+"""Writing generated images: PNGs that carry their generation settings, grids, animations, safe file names."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from genvl.errors import GenvlError
 
 
 def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
@@ -134,3 +136,50 @@ def slug(text: str, max_len: int = 40) -> str:
     keep = "".join(c.lower() if c.isalnum() else "-" for c in text.strip())
     keep = "-".join(p for p in keep.split("-") if p)
     return (keep[:max_len].rstrip("-") or "sample")
+
+
+# ------------------------------------------------------------------------------ frame sequences
+def _frames_to_pil(frames) -> list[Image.Image]:
+    """Frames as RGB PIL images: (F, 3, H, W) in [-1, 1], a list of PIL images, or an output with ``images``."""
+    from genvl.sampling.common import check_pixels
+
+    frames = getattr(frames, "images", frames)  # an UnclipOutput / PipelineOutput
+    if isinstance(frames, torch.Tensor):
+        return to_pil_images(check_pixels(frames, "frames"))
+    frames = list(frames)
+    if not frames:
+        raise GenvlError("no frames to write")
+    return [f.convert("RGB") for f in frames]
+
+
+def save_gif(frames, path: str | Path, duration_ms: int = 120, loop: int = 0) -> Path:
+    """Write frames ((F, 3, H, W) in [-1, 1], a list of PIL images or an UnclipOutput) as an animated GIF.
+
+    Args:
+        frames: the frames.
+        path: the .gif file.
+        duration_ms: display time per frame.
+        loop: 0 = forever.
+    """
+    ims = _frames_to_pil(frames)
+    if not isinstance(duration_ms, int) or duration_ms <= 0:
+        raise GenvlError(f"duration_ms must be a positive integer, got {duration_ms!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(path)  # whole or not at all, like save_png
+    try:
+        ims[0].save(tmp, format="GIF", save_all=True, append_images=ims[1:], duration=duration_ms, loop=loop,
+                    optimize=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_strip(frames, path: str | Path, pad: int = 2) -> Path:
+    """Write frames side by side as one PNG (a filmstrip)."""
+    ims = _frames_to_pil(frames)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(ims, ncols=len(ims), pad=pad).save(path, format="PNG")
+    return path

@@ -9,6 +9,10 @@ from pathlib import Path
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
+#: The trackers ``tracker`` may name: accelerate's (its ``log_with`` values).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
 @dataclass
 class DataConfig:
     image_size: int = 32  # pixels after resize + center crop
@@ -54,7 +58,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0  # generative stages: sample grid period; 0: only at the end
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
-    tracker: str = "auto"  # auto (tensorboard if installed) | tensorboard | none
+    tracker: str = "auto"  # auto (tensorboard if installed) | none | any accelerate tracker (tensorboard, wandb, mlflow, ...)
     tokenizer_vocab: int = 4096  # BPE size when a tokenizer is trained for this run
     text_len: int = 32  # tokens per caption for a newly trained tokenizer
     lora_rank: int = 0  # > 0: finetune the --init component with LoRA adapters of this rank (peft)
@@ -85,7 +89,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
             (self.on_nonfinite in ("stop", "skip"), "on_nonfinite must be stop or skip"),
-            (self.tracker in ("auto", "tensorboard", "none"), "tracker must be auto, tensorboard or none"),
+            (self.tracker in ("auto", "none", *TRACKERS), f"tracker must be auto, none or one of {', '.join(TRACKERS)}"),
             (0 <= self.data.caption_dropout <= 1, "data.caption_dropout must be in [0, 1]"),
             (8 <= self.data.image_size <= 8192, "data.image_size must be in [8, 8192]"),
             (self.save_every >= 0 and self.log_every >= 1, "save_every must be >= 0 and log_every >= 1"),

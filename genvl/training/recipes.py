@@ -2,8 +2,9 @@
 
 A recipe's ``model`` mapping holds two kinds of keys: fields of the stage's model config (e.g.
 :class:`~genvl.models.decoder.DecoderConfig` ``block_out_channels``) and training options the
-stage's task reads (e.g. the decoder's ``cond_drop``), declared on each task class as
-``recipe_keys`` (name -> type) next to ``model_config`` (the config dataclass). A misspelled key
+stage's task reads (e.g. the decoder's ``cond_drop``), declared on each task class next to
+``model_config`` (the config dataclass) as ``options`` (a dataclass of the options and their
+defaults, read with :func:`take_options`) or ``recipe_keys`` (name -> type). A misspelled key
 used to fail late (a ``TypeError`` deep in a model constructor) or, when finetuning, not at all;
 :func:`check_model_section` makes it a one-line error that names the closest valid key, raised when
 the recipe and ``--set`` values are read.
@@ -37,8 +38,19 @@ def model_keys(task_cls) -> dict[str, Any]:
     if cfg_cls is not None:
         hints = typing.get_type_hints(cfg_cls)
         keys.update({f.name: hints[f.name] for f in dataclasses.fields(cfg_cls)})
+    options = getattr(task_cls, "options", None)
+    if options is not None:
+        hints = typing.get_type_hints(options)
+        keys.update({f.name: hints[f.name] for f in dataclasses.fields(options)})
     keys.update(getattr(task_cls, "recipe_keys", {}))
     return keys
+
+
+def take_options(options_cls, overrides: dict):
+    """A stage's training options (an instance of its ``options`` dataclass), taken out of its
+    ``model`` overrides; what stays are the model config's fields."""
+    names = {f.name for f in dataclasses.fields(options_cls)}
+    return options_cls(**{k: overrides.pop(k) for k in list(overrides) if k in names})
 
 
 def check_model_section(stage: str, task_cls, model: dict) -> dict:

@@ -26,7 +26,6 @@ choices are documented in the README's comparison table).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -173,18 +172,6 @@ def caption_separation(clip, tokenizer, dataset, max_images: int = SEPARATION_IM
     hit = (z_img @ z_txt.T).argmax(1) == own
     return {"accuracy": 100 * float(hit.float().mean()), "chance": 100 / len(distinct), "images": len(keep),
             "captions": len(distinct)}
-
-
-def dir_hash(path: Path) -> str:
-    """sha256 over a model directory's ``genvl.json`` and weight files (names and bytes), first 16 hex digits."""
-    h = hashlib.sha256()
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and (p.suffix == ".safetensors" or p.name == "genvl.json"))
-    for p in files:
-        h.update(str(p.relative_to(path)).encode())
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 # -------------------------------------------------------------------------------------------- planning
@@ -377,7 +364,7 @@ def run_t2i(opts: T2IOptions, *, command: str = "", progress: bool = True, overw
         stop_after: ``(stage, steps)``: end that stage after so many steps without releasing it, as a
             crash would (tests of resume).
     """
-    from genvl.checkpoint import open_model_dir
+    from genvl.checkpoint import model_dir_hash, open_model_dir
     from genvl.data import open_image_text
     from genvl.training.config import TrainConfig
     from genvl.training.tasks import get_task
@@ -425,7 +412,7 @@ def run_t2i(opts: T2IOptions, *, command: str = "", progress: bool = True, overw
             separation = caption_separation(clip, base_dir.tokenizer(), ds)
         stages = plan_stages(opts, n, base_dir, separation)
         plan = Plan(options=asdict(opts), stages=stages, base=str(base_dir.path) if base_dir else None,
-                    base_hash=dir_hash(base_dir.path) if base_dir else None, separation=separation,
+                    base_hash=model_dir_hash(base_dir.path) if base_dir else None, separation=separation,
                     data_summary={"pairs": n, "distinct_captions": distinct, "skipped": len(dataset.skipped)})
         run_dir.mkdir(parents=True, exist_ok=True)
         plan.save(plan_path)

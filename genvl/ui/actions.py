@@ -1,9 +1,9 @@
 """What the UI's buttons do, as plain functions (no streamlit here, so tests call them directly).
 
-Every action calls the pipeline function that ``genvl sample`` / ``genvl classify`` calls, with
-the settings the command line would use when no option is given (the model directory's recommended
-sampling settings in ``genvl.json``, else the command line's defaults), and returns images together
-with the metadata their PNGs carry -- the same keys ``genvl sample`` writes.
+Every action calls the pipeline that ``genvl sample`` / ``genvl classify`` calls, starting from the
+settings the command line uses when no option is given (the pipeline's resolution of the model
+directory's recommended settings, and :mod:`genvl.runtime`'s starting values), and returns images
+together with the metadata their PNGs carry -- the same keys ``genvl sample`` writes.
 
 Bad input raises :class:`~genvl.errors.GenvlError` with a one-line message, which the page shows.
 
@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Union
 
 from PIL import Image
 
+from genvl import runtime
 from genvl.errors import GenvlError
 from genvl.limits import MAX_FRAMES, MAX_IMAGES, MAX_SEED, MAX_STEPS  # noqa: F401 - shared with the CLI
+from genvl.ui.options import OPTIONS, Option, check_prompt, check_settings  # noqa: F401 - the page's settings
 
 DISPLAY_PX = 192  # small images are shown enlarged (nearest neighbour) to at least this size
 
@@ -38,103 +39,21 @@ Endpoint = Union[str, tuple[str, Image.Image]]
 
 
 # ------------------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class Option:
-    """One sampling setting: its label, type and allowed range (checked by :func:`check_settings`).
-
-    Attributes:
-        label: what the page calls it (also used in error messages).
-        kind: "int", "float", "choice" or "bool".
-        lo, hi: inclusive bounds (None = unbounded); ``lo_open`` makes ``lo`` exclusive.
-        choices: the values of a "choice".
-        step: the increment of the page's number box.
-        help: a tooltip.
-    """
-
-    label: str
-    kind: str
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    choices: tuple[str, ...] = ()
-    step: float = 1
-    help: str = ""
-
-
-OPTIONS: dict[str, Option] = {
-    "num_images": Option("Images", "int", 1, MAX_IMAGES, help="how many images to generate"),
-    "steps": Option("Steps", "int", 1, MAX_STEPS, help="decoder diffusion steps"),
-    "prior_steps": Option("Prior steps", "int", 1, MAX_STEPS, help="prior diffusion steps"),
-    "guidance": Option("Guidance", "float", 0.0, None, step=0.5, help="classifier-free guidance scale (1 = none)"),
-    "prior_guidance": Option("Prior guidance", "float", 0.0, None, step=0.5,
-                             help="the prior's guidance scale (1 = none)"),
-    "scheduler": Option("Scheduler", "choice", choices=("ddim", "ddpm", "dpm++"), help="diffusion sampler"),
-    "temperature": Option("Temperature", "float", 0.0, None, step=0.1, help="sampling temperature (0 = greedy)"),
-    "top_k": Option("Top-k", "int", 0, None, help="sample among the k likeliest codes (0 = all)"),
-    "top_p": Option("Top-p", "float", 0.0, 1.0, lo_open=True, step=0.05, help="nucleus sampling mass (1 = off)"),
-    "frames": Option("Frames", "int", 2, MAX_FRAMES, help="frames of the animation"),
-    "invert": Option("Start from the image's inverted noise", "bool",
-                     help="DDIM inversion: the variations keep the layout of the image"),
-    "seed": Option("Seed", "int", 0, MAX_SEED, help="the same seed gives the same images"),
-}
-
-
-def _fmt_bound(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
-
-
-def check_settings(settings: dict[str, Any], names: Sequence[str]) -> None:
-    """Raise a one-line GenvlError for the first setting in ``names`` outside its allowed range."""
-    for name in names:
-        opt = OPTIONS[name]
-        v = settings.get(name)
-        if opt.kind == "choice":
-            if v not in opt.choices:
-                raise GenvlError(f"{opt.label}: choose one of {', '.join(opt.choices)}, got {v!r}")
-            continue
-        if opt.kind == "bool":
-            continue
-        is_int = isinstance(v, int) and not isinstance(v, bool)
-        ok_type = is_int if opt.kind == "int" else isinstance(v, (int, float)) and not isinstance(v, bool)
-        if not ok_type or not math.isfinite(v):
-            raise GenvlError(f"{opt.label} must be {'a whole' if opt.kind == 'int' else 'a'} number, got {v!r}")
-        too_low = opt.lo is not None and (v <= opt.lo if opt.lo_open else v < opt.lo)
-        too_high = opt.hi is not None and v > opt.hi
-        if too_low or too_high:
-            if opt.lo is not None and opt.hi is not None:
-                left = "(" if opt.lo_open else "["
-                rng = f"in {left}{_fmt_bound(opt.lo)}, {_fmt_bound(opt.hi)}]" if opt.lo_open else \
-                    f"between {_fmt_bound(opt.lo)} and {_fmt_bound(opt.hi)}"
-            elif opt.lo is not None:
-                rng = f"{'>' if opt.lo_open else '>='} {_fmt_bound(opt.lo)}"
-            else:
-                rng = f"<= {_fmt_bound(opt.hi)}"
-            raise GenvlError(f"{opt.label} must be {rng}, got {_fmt_bound(v)}")
-
-
-def check_prompt(text: str | None, what: str = "prompt") -> str:
-    """The stripped prompt, or a one-line error for an empty one."""
-    if text is None or not text.strip():
-        raise GenvlError(f"empty {what}: type a text description, e.g. \"a red heart\"")
-    return text.strip()
-
-
-def sample_defaults(md, method: str = "unclip") -> dict[str, Any]:
+def sample_defaults(md, method: str = "unclip", parts=None) -> dict[str, Any]:
     """The settings ``genvl sample --method METHOD --model DIR`` uses when given no options.
 
-    The command line's defaults, with the model directory's recommended ones (``genvl.json``
-    "sampling") filled in exactly as ``genvl sample`` does.
-    """
-    from genvl.cli import _fill_sample_defaults, build_parser
-    from genvl.pipelines.base import SAMPLE_DEFAULTS
+    The front ends' starting values (:data:`genvl.runtime.SAMPLE_OPTION_DEFAULTS`: images, seed, ...)
+    with the settings the method's pipeline resolves from the model directory's recommended ones.
 
-    args = build_parser().parse_args(["sample", "-"])
-    recommended = md.meta.get("sampling", {})
-    if method == "ar":  # as genvl sample --method ar: the model's recommended AR guidance, else 3
-        args.guidance = float(recommended.get("ar_guidance", 3.0))
-    _fill_sample_defaults(args, recommended)
-    names = ("num_images", "seed", "temperature", "top_k", "top_p", "frames", "invert", *SAMPLE_DEFAULTS)
-    return {k: getattr(args, k) for k in names}
+    Args:
+        md: the model directory.
+        method: a key of :data:`METHODS`.
+        parts: the method's loaded parts (``METHODS[method].load``); None loads them on the CPU.
+    """
+    m = METHODS[method]
+    if parts is None:
+        parts = m.load(md, "cpu")
+    return {**runtime.SAMPLE_OPTION_DEFAULTS, **m.defaults(parts, md)}
 
 
 # ------------------------------------------------------------------------------------- progress
@@ -181,6 +100,11 @@ class Generation:
     seconds: float
     gif: bytes | None = None
     segments: list[tuple[str, Any]] | None = None
+
+    @classmethod
+    def of(cls, images: list[Image.Image], meta: dict[str, Any], t0: float, **extra) -> Generation:
+        """The images of a run started at ``time.perf_counter()`` ``t0``, each with ``meta`` and its index."""
+        return cls(images, [{**meta, "index": i} for i in range(len(images))], time.perf_counter() - t0, **extra)
 
     @property
     def summary(self) -> str:
@@ -262,16 +186,12 @@ def settings_caption(meta: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- model dirs
 def open_model(path: str | None):
     """The model directory at ``path`` (None: the built-in demo), as every ``genvl`` command opens it."""
-    from genvl.cli import _model_dir
-
-    return _model_dir(path or None, "the UI")
+    return runtime.open_model(path or None, "the UI")
 
 
 def device() -> str:
     """Where models run: CUDA when there is one, else the CPU (``--device auto``)."""
-    from genvl.cli import _device
-
-    return _device("auto")
+    return runtime.choose_device("auto")
 
 
 def card_blocks(md) -> list[tuple[str, str]]:
@@ -322,6 +242,8 @@ class GenerationMethod:
         options: the settings it takes (keys of :data:`OPTIONS`), in the order the page shows them.
         load: (model dir, device) -> its parts; the page keeps the result for the process's lifetime.
         run: (parts, model dir, prompt, settings, tracker) -> :class:`Generation`.
+        defaults: (parts, model dir) -> the sampling settings a run without options uses (the
+            pipeline's); by default the model directory's recommended ones as the pipelines resolve them.
     """
 
     name: str
@@ -330,9 +252,18 @@ class GenerationMethod:
     options: tuple[str, ...]
     load: Callable[[Any, str], Any]
     run: Callable[[Any, Any, str, dict, StepTracker], Generation]
+    defaults: Callable[[Any, Any], dict] = lambda parts, md: recommended_settings(md)
 
 
-def _load_unclip(md, dev: str):
+def recommended_settings(md) -> dict[str, Any]:
+    """The model directory's recommended sampling settings, completed as the pipelines complete them."""
+    from genvl.pipelines.base import resolve_settings
+
+    return resolve_settings(md.meta.get("sampling", {}), {})
+
+
+def load_unclip(md, dev: str):
+    """The unCLIP pipeline (clip, tokenizer, prior, decoder, super-res) of a model directory."""
     from genvl.pipelines import UnclipPipeline
 
     return UnclipPipeline.from_pretrained(md, device=dev)
@@ -352,8 +283,7 @@ def _run_unclip(pipe, md, prompt: str, s: dict, tracker: StepTracker) -> Generat
     out = pipe(prompt, num_images=s["num_images"], steps=s["steps"], prior_steps=s["prior_steps"],
                guidance=s["guidance"], prior_guidance=s["prior_guidance"], scheduler=s["scheduler"], seed=s["seed"],
                callback=tracker)
-    return Generation(out.images, [{**out.settings, "index": i} for i in range(len(out.images))],
-                      time.perf_counter() - t0)
+    return Generation.of(out.images, out.settings, t0)
 
 
 def _load_ar(md, dev: str):
@@ -367,22 +297,14 @@ def _run_ar(pipe, md, prompt: str, s: dict, tracker: StepTracker) -> Generation:
     tracker.expected = pipe.vq.tokens_per_image
     out = pipe(prompt, num_images=s["num_images"], guidance=s["guidance"], temperature=s["temperature"],
                top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"], callback=tracker)
-    return Generation(out.images, [{**out.settings, "index": i} for i in range(len(out.images))],
-                      time.perf_counter() - t0)
+    return Generation.of(out.images, out.settings, t0)
 
 
-# The generation methods, in the order the page lists them. To add one (interleaved generation:
-# genvl/sampling/interleaved.py), write ``load`` and ``run`` like _load_ar / _run_ar above -- ``run``
-# passes the tracker as the pipeline's ``progress`` and returns the images with the metadata
-# ``genvl sample --method interleaved`` writes, plus ``segments`` (the document's text and images in
-# order, which the page then shows as a document) -- and register it:
-#
-#     register_method(GenerationMethod(
-#         "interleaved", "Interleaved (text and images)", ("interleaved", "clip", "decoder"),
-#         ("steps", "guidance", "scheduler", "temperature", "top_k", "top_p"), _load_interleaved, _run_interleaved))
-#
-# The page then offers it for every model directory holding those components (settings it needs that
-# OPTIONS lacks, e.g. a maximum number of images, go into OPTIONS first).
+# The generation methods, in the order the page lists them. A method is a ``load`` and a ``run`` like
+# _load_ar / _run_ar above (``run`` passes the tracker as the pipeline's progress callback and returns the
+# images with the metadata ``genvl sample`` writes, plus ``segments`` for a document of text and images)
+# and, when its parts are a pipeline, ``defaults`` read from that pipeline; register_method adds it. The
+# page offers it for every model directory holding its components (settings OPTIONS lacks go there first).
 METHODS: dict[str, GenerationMethod] = {}
 
 
@@ -396,35 +318,31 @@ def register_method(method: GenerationMethod) -> None:
 
 register_method(GenerationMethod(
     "unclip", "unCLIP (prior + decoder)", ("clip", "prior", "decoder"),
-    ("num_images", "steps", "prior_steps", "guidance", "prior_guidance", "scheduler"), _load_unclip, _run_unclip))
+    ("num_images", "steps", "prior_steps", "guidance", "prior_guidance", "scheduler"), load_unclip, _run_unclip,
+    lambda pipe, md: pipe.settings()))
 register_method(GenerationMethod(
     "ar", "Autoregressive (token LM + VQ-VAE)", ("lm", "vqvae"),
-    ("num_images", "guidance", "temperature", "top_k", "top_p"), _load_ar, _run_ar))
+    ("num_images", "guidance", "temperature", "top_k", "top_p"), _load_ar, _run_ar,
+    lambda pipe, md: {"guidance": pipe.guidance}))
 
 
 def _load_interleaved(md, dev: str):
-    from genvl.sampling.interleaved import InterleavedParts
+    from genvl.pipelines import InterleavedPipeline
 
-    return InterleavedParts.from_model_dir(md, device=dev)
+    return InterleavedPipeline.from_pretrained(md, device=dev)
 
 
-def _run_interleaved(parts, md, prompt: str, s: dict, tracker: StepTracker) -> Generation:
+def _run_interleaved(pipe, md, prompt: str, s: dict, tracker: StepTracker) -> Generation:
     """Continue the prompt as a document (the model decides whether to draw); one image at most."""
-    from genvl.sampling.autoregressive import check_sampling
-    from genvl.sampling.interleaved import DEFAULT_IMAGE_GUIDANCE, generate_document
     from genvl.sampling.io import to_pil_images
 
-    check_sampling(s["temperature"], s["top_k"], s["top_p"])
-    image_guidance = float(md.meta.get("sampling", {}).get("image_guidance", DEFAULT_IMAGE_GUIDANCE))
     t0 = time.perf_counter()
     tracker.expected = s["steps"]
-    out = generate_document(parts, prompt, max_images=1, temperature=s["temperature"], top_k=s["top_k"],
-                            top_p=s["top_p"], image_guidance=image_guidance, steps=s["steps"],
-                            guidance=s["guidance"], scheduler=s["scheduler"], seed=s["seed"], progress=tracker)
+    out = pipe(prompt, max_images=1, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+               steps=s["steps"], guidance=s["guidance"], scheduler=s["scheduler"], seed=s["seed"], callback=tracker)
     meta = {"model": str(md.path), "method": "interleaved", "prompt": prompt, "seed": s["seed"],
-            "steps": s["steps"], "guidance": s["guidance"], "scheduler": s["scheduler"],
-            "temperature": s["temperature"], "top_k": s["top_k"], "top_p": s["top_p"],
-            "image_guidance": image_guidance}
+            **{k: s[k] for k in ("steps", "guidance", "scheduler", "temperature", "top_k", "top_p")},
+            "image_guidance": out.settings["image_guidance"]}
     images, segments = [], []
     for seg in out.segments:
         if "text" in seg:
@@ -432,13 +350,13 @@ def _run_interleaved(parts, md, prompt: str, s: dict, tracker: StepTracker) -> G
         elif seg.get("image") is not None:
             images += to_pil_images(seg["image"][None])
             segments.append(("image", len(images) - 1))
-    return Generation(images, [{**meta, "index": i} for i in range(len(images))], time.perf_counter() - t0,
-                      segments=segments)
+    return Generation.of(images, meta, t0, segments=segments)
 
 
 register_method(GenerationMethod(
     "interleaved", "Interleaved (text and images)", ("interleaved", "clip", "decoder"),
-    ("steps", "guidance", "scheduler", "temperature", "top_k", "top_p"), _load_interleaved, _run_interleaved))
+    ("steps", "guidance", "scheduler", "temperature", "top_k", "top_p"), _load_interleaved, _run_interleaved,
+    lambda pipe, md: pipe.settings()))
 
 
 def generation_methods(md) -> list[GenerationMethod]:
@@ -465,11 +383,6 @@ VARIATION_OPTIONS = ("num_images", "steps", "guidance", "scheduler", "invert")
 INTERPOLATION_OPTIONS = ("frames", "steps", "prior_steps", "guidance", "prior_guidance", "scheduler")
 
 
-def load_unclip(md, dev: str):
-    """The unCLIP pipeline (clip, tokenizer, prior, decoder, super-res) of a model directory."""
-    return _load_unclip(md, dev)
-
-
 def variations(pipe, md, name: str, image: Image.Image, s: dict, tracker: StepTracker) -> Generation:
     """Variations of an uploaded image (``genvl sample --variations IMAGE``)."""
     from genvl.sampling import unclip
@@ -481,7 +394,7 @@ def variations(pipe, md, name: str, image: Image.Image, s: dict, tracker: StepTr
     out = pipe.variations(image, num_images=s["num_images"], steps=s["steps"], guidance=s["guidance"],
                           scheduler=s["scheduler"], seed=s["seed"], invert=bool(s["invert"]), callback=tracker)
     meta = {**out.settings, "variations_of": name}
-    return Generation(out.images, [{**meta, "index": i} for i in range(len(out.images))], time.perf_counter() - t0)
+    return Generation.of(out.images, meta, t0)
 
 
 def _endpoint_label(e: Endpoint) -> str:
@@ -507,8 +420,7 @@ def interpolation(pipe, md, a: Endpoint, b: Endpoint, s: dict, tracker: StepTrac
                            prior_guidance=s["prior_guidance"], scheduler=s["scheduler"], seed=s["seed"],
                            callback=tracker)
     meta = {**out.settings, "interpolate": [_endpoint_label(a), _endpoint_label(b)]}
-    return Generation(out.images, [{**meta, "index": i} for i in range(len(out.images))], time.perf_counter() - t0,
-                      gif=gif_bytes(out.images))
+    return Generation.of(out.images, meta, t0, gif=gif_bytes(out.images))
 
 
 # -------------------------------------------------------------------------------- classification
@@ -521,10 +433,7 @@ def classify_methods(md) -> list[str]:
 
 def classify_defaults() -> dict[str, Any]:
     """``genvl classify``'s defaults: method, samples, seed, template."""
-    from genvl.cli import build_parser
-
-    args = build_parser().parse_args(["classify", "-"])
-    return {"method": args.method, "samples": args.samples, "seed": args.seed, "template": args.template}
+    return dict(runtime.CLASSIFY_DEFAULTS)
 
 
 def parse_classes(text: str | None) -> list[str]:
@@ -596,15 +505,14 @@ def classify_images(md, classifiers: dict[str, Any], images: Sequence[tuple[str,
     import torch
 
     from genvl.classify import classify
-    from genvl.cli import _temperature
     from genvl.data import resize_center_crop, to_tensor
 
     t0 = time.perf_counter()
     res = Classification(names=[n for n, _ in images], classes=list(classes))
     for method, clf in classifiers.items():
         pixels = torch.stack([to_tensor(resize_center_crop(im, clf.image_size)) for _, im in images])
-        temp = _temperature(SimpleNamespace(temperature=None), md, method)
-        out = classify(clf, pixels, classes, template=template or None, temperature=temp)
+        out = classify(clf, pixels, classes, template=template or None,
+                       temperature=runtime.classify_temperature(md, method))
         res.classes = out.classes
         res.probs[method] = out.probs.tolist()
         res.temperatures[method] = out.temperature

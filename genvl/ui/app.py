@@ -62,6 +62,14 @@ def _errors_shown():
             st.error(f"internal error: {type(e).__name__}: {msg} (start genvl ui with GENVL_DEBUG=1 for the traceback)")
 
 
+@contextmanager
+def _pressed(result_key: str):
+    """The work of a pressed button: its last result is cleared first; bad input is shown as a message."""
+    with _errors_shown():
+        st.session_state[result_key] = None
+        yield
+
+
 def _random_seed(key: str) -> None:
     st.session_state[key] = random.randint(0, A.MAX_SEED)
 
@@ -168,14 +176,13 @@ def generate_tab(md, path: str, device: str) -> None:
     name = st.radio("Method", list(labels), format_func=labels.get, horizontal=True, key="gen_method")
     method = A.METHODS[name]
     prompt = st.text_input("Prompt", key="gen_prompt", placeholder="a red heart")
-    settings = _settings_row(method.options, A.sample_defaults(md, name), f"gen_{name}_")
+    parts = _parts(name, path, device)  # the method's pipeline: its settings are the boxes' starting values
+    settings = _settings_row(method.options, A.sample_defaults(md, name, parts), f"gen_{name}_")
     go = st.button("Generate", type="primary", key="gen_go")
     bar = st.empty()
     if go:
-        with _errors_shown():
-            st.session_state["gen_result"] = None
-            A.check_generation_input(method, prompt, settings)  # before loading any model
-            parts = _parts(name, path, device)
+        with _pressed("gen_result"):
+            A.check_generation_input(method, prompt, settings)
             _run("gen_result", bar,
                  lambda tracker: A.generate(method, parts, md, prompt, settings, tracker))
     result = st.session_state.get("gen_result")
@@ -184,10 +191,17 @@ def generate_tab(md, path: str, device: str) -> None:
         (_gallery if result.segments is None else _document)(result, "gen")
 
 
+def _unclip_pipeline(md, path: str, device: str, needs: str):
+    """The unCLIP pipeline, or None with a note (``needs``, then what the directory has) without clip and decoder."""
+    if md.has("clip") and md.has("decoder"):
+        return _parts("unclip", path, device)
+    st.info(f"{needs}; this model directory has {', '.join(md.components)}.")
+    return None
+
+
 def variations_tab(md, path: str, device: str) -> None:
-    if not (md.has("clip") and md.has("decoder")):
-        st.info("Variations need a clip and a decoder component; this model directory has "
-                f"{', '.join(md.components)}.")
+    pipe = _unclip_pipeline(md, path, device, "Variations need a clip and a decoder component")
+    if pipe is None:
         return
     left, right = st.columns([1, 3])
     with left:
@@ -198,18 +212,16 @@ def variations_tab(md, path: str, device: str) -> None:
             if image is not None:
                 st.image(A.for_display(image[1], 128), caption=image[0])
     with right:
-        settings = _settings_row(A.VARIATION_OPTIONS, A.sample_defaults(md, "unclip"), "var_")
+        settings = _settings_row(A.VARIATION_OPTIONS, A.sample_defaults(md, "unclip", pipe), "var_")
         go = st.button("Make variations", type="primary", key="var_go")
     bar = st.empty()
     if go:
-        with _errors_shown():
-            st.session_state["var_result"] = None
+        with _pressed("var_result"):
             if image is None:
                 raise GenvlError("no image: upload the image to make variations of"
                                  + (" (the uploaded file cannot be used)" if upload is not None else ""))
             A.check_settings(settings, ("seed", *A.VARIATION_OPTIONS))
-            comps = _parts("unclip", path, device)
-            _run("var_result", bar, lambda tracker: A.variations(comps, md, image[0], image[1], settings, tracker))
+            _run("var_result", bar, lambda tracker: A.variations(pipe, md, image[0], image[1], settings, tracker))
     result = st.session_state.get("var_result")
     if result is not None:
         bar.progress(1.0, text=result.summary)
@@ -229,20 +241,19 @@ def _endpoint(label: str, key: str):
 
 
 def interpolate_tab(md, path: str, device: str) -> None:
-    if not (md.has("clip") and md.has("decoder")):
-        st.info("Interpolation needs a clip and a decoder component (and a prior for prompts); this model "
-                f"directory has {', '.join(md.components)}.")
+    pipe = _unclip_pipeline(md, path, device,
+                            "Interpolation needs a clip and a decoder component (and a prior for prompts)")
+    if pipe is None:
         return
     ends = []
     for col, (label, key) in zip(st.columns(2), (("A", "int_a"), ("B", "int_b"))):
         with col, _errors_shown():
             ends.append(_endpoint(label, key))
-    settings = _settings_row(A.INTERPOLATION_OPTIONS, A.sample_defaults(md, "unclip"), "int_")
+    settings = _settings_row(A.INTERPOLATION_OPTIONS, A.sample_defaults(md, "unclip", pipe), "int_")
     go = st.button("Interpolate", type="primary", key="int_go")
     bar = st.empty()
     if go:
-        with _errors_shown():
-            st.session_state["int_result"] = None
+        with _pressed("int_result"):
             if len(ends) < 2:
                 raise GenvlError("an endpoint cannot be used; see the message above it")
             for label, e in zip("AB", ends):
@@ -253,8 +264,7 @@ def interpolate_tab(md, path: str, device: str) -> None:
                 if not isinstance(e, tuple):
                     A.check_prompt(e, f"prompt {label}")
             A.check_settings(settings, ("seed", *A.INTERPOLATION_OPTIONS))
-            comps = _parts("unclip", path, device)
-            _run("int_result", bar, lambda tracker: A.interpolation(comps, md, a, b, settings, tracker))
+            _run("int_result", bar, lambda tracker: A.interpolation(pipe, md, a, b, settings, tracker))
             result = st.session_state["int_result"]
             st.session_state["int_animation"] = A.gif_bytes([A.for_display(f, 256) for f in result.images])
     result = st.session_state.get("int_result")
@@ -304,8 +314,7 @@ def classify_tab(md, path: str, device: str) -> None:
                                key="cls_seed")
     go = st.button("Classify", type="primary", key="cls_go")
     if go:
-        with _errors_shown():
-            st.session_state["cls_result"] = None
+        with _pressed("cls_result"):
             if bad is not None:
                 raise GenvlError(f"remove the file that cannot be used first ({bad})")
             names = A.check_classify_input(images, classes, template, chosen, int(samples) if samples else None)

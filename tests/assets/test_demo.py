@@ -55,7 +55,8 @@ def test_default_sample_uses_the_demo(tmp_path, capsys):
 
 def _tiny_run(path: Path, names: tuple[str, ...], tok) -> None:
     from genvl.models.clip import CLIP, clip_config
-    from genvl.models.decoder import Decoder, SuperRes, decoder_config, superres_config
+    from genvl.models.decoder import Decoder, decoder_config
+    from genvl.models.superres import SuperRes, superres_config
     from genvl.models.prior import DiffusionPrior, prior_config
 
     make = {

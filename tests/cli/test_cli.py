@@ -8,7 +8,7 @@ import pytest
 
 from genvl.cli import build_parser, main
 
-SUBCOMMANDS = ["sample", "train", "caption", "classify", "evaluate", "data", "ui", "info"]
+SUBCOMMANDS = ["sample", "train", "caption", "classify", "evaluate", "data", "export", "ui", "info"]
 TRAIN = ["--set", "max_steps=40", "--set", "batch_size=16", "--set", "tokenizer_vocab=300", "--set", "text_len=8",
          "--set", "tracker=none", "--set", "lr=3e-3", "--no-progress"]
 
@@ -59,9 +59,9 @@ def test_bad_values_one_line_exit_2(tmp_path, capsys):
 
 
 def test_sample_without_model_says_so(capsys, tmp_path, monkeypatch):
-    import genvl.cli
+    import genvl.runtime
 
-    monkeypatch.setattr(genvl.cli, "DEMO_DIR", tmp_path / "no-demo")  # an install without the demo
+    monkeypatch.setattr(genvl.runtime, "DEMO_DIR", tmp_path / "no-demo")  # an install without the demo
     monkeypatch.chdir(tmp_path)
     assert main(["sample", "a corgi in a sushi house"]) == 0
     assert "no text-to-image model yet" in capsys.readouterr().err
@@ -79,6 +79,9 @@ def test_train_evaluate_classify_info(shapes_dir, tmp_path, capsys):
     js = tmp_path / "r.json"
     assert main(["evaluate", "retrieval", "--model", str(out), "--data", str(shapes_dir), "--json", str(js),
                  "--no-progress"]) == 0
+    assert "retrieval" not in json.loads((out / "genvl.json").read_text())["metrics"]  # only with --record
+    assert main(["evaluate", "retrieval", "--model", str(out), "--data", str(shapes_dir), "--json", str(js),
+                 "--overwrite", "--record", "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "image_to_text_R@1" in table
     res = json.loads(js.read_text())
@@ -109,3 +112,23 @@ def test_train_evaluate_classify_info(shapes_dir, tmp_path, capsys):
 def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "genvl", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("genvl ")
+
+
+def test_entry_points_and_old_names():
+    r = subprocess.run([sys.executable, "-m", "genvl.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("genvl ")
+    import genvl.cli
+
+    assert callable(genvl.cli.main_entry)  # pyproject.toml: genvl = "genvl.cli:main_entry"
+    assert genvl.cli.parse_budget("1h30m") == genvl.cli.parse_budget("90m") == 5400.0
+
+
+def test_data_has_no_emoji_builder(capsys):
+    """The demo's emoji set is built by scripts/emoji_set.py, not by the package."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["data", "emoji", "out"])
+    assert e.value.code == 2 and "invalid choice: 'emoji'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    assert "scripts/emoji_set.py" in capsys.readouterr().out
+

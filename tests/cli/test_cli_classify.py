@@ -110,7 +110,7 @@ def test_evaluate_zero_shot_all_methods(dirs, tmp_path, capsys):
     shutil.copytree(dirs["full"], model)
     out = tmp_path / "zs.json"
     assert main(["evaluate", "zero-shot", "--model", str(model), "--data", str(dirs["data"]), "--methods", "all",
-                 "--template", "a {}", "--json", str(out), "--no-progress", *FAST]) == 0
+                 "--template", "a {}", "--json", str(out), "--record", "--no-progress", *FAST]) == 0
     text = capsys.readouterr().out
     assert "1 unreadable skipped" in text and "confusion" in text
     rep = json.loads(out.read_text())
@@ -126,7 +126,7 @@ def test_evaluate_zero_shot_all_methods(dirs, tmp_path, capsys):
     assert "zero-shot ar" in (model / "README.md").read_text()
     # --limit keeps classes balanced; one method (into the same file: results are replaced only with --overwrite)
     assert main(["evaluate", "zero-shot", "--model", str(model), "--data", str(dirs["data"]), "--method", "prior",
-                 "--limit", "2", "--json", str(out), "--no-record", "--overwrite", *FAST]) == 0
+                 "--limit", "2", "--json", str(out), "--overwrite", *FAST]) == 0
     rep = json.loads(out.read_text())
     assert rep["n"] == 2 and list(rep["methods"]) == ["prior"]
     assert sorted(map(sum, rep["methods"]["prior"]["confusion"])) == [1, 1]
@@ -144,6 +144,6 @@ def test_evaluate_zero_shot_errors(dirs, tmp_path, capsys, argv, needle):
     argv = [a.replace("{one_class}", str(tmp_path / "one")) for a in argv]
     data = [] if "--data" in argv else ["--data", str(tmp_path / "missing")]
     model = dirs["clip_only"]
-    assert main(["evaluate", "zero-shot", "--model", str(model), *data, *argv, "--no-record"]) == 2
+    assert main(["evaluate", "zero-shot", "--model", str(model), *data, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err

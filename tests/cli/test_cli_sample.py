@@ -10,7 +10,8 @@ from PIL import Image
 from genvl.checkpoint import save_model_dir
 from genvl.cli import main
 from genvl.models.clip import CLIP, clip_config
-from genvl.models.decoder import Decoder, SuperRes, decoder_config, superres_config
+from genvl.models.decoder import Decoder, decoder_config
+from genvl.models.superres import SuperRes, superres_config
 from genvl.models.prior import DiffusionPrior, prior_config
 from genvl.sampling.io import read_png_metadata
 from genvl.tokenizers.text import train_text_tokenizer
@@ -162,7 +163,8 @@ def test_evaluate_generation_reports_and_records(model_dir, tmp_path, capsys):
     ref = write_shapes_folder(tmp_path / "ref", size=16)
     js = tmp_path / "gen.json"
     assert main(["evaluate", "generation", "--model", str(m), "--prompts", str(prompts), "--data", str(ref),
-                 "--num-images", "2", "--steps", "2", "--prior-steps", "2", "--json", str(js), "--no-progress"]) == 0
+                 "--num-images", "2", "--steps", "2", "--prior-steps", "2", "--json", str(js), "--record",
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "clip_score" in out and "fd_clip" in out and "prompt_retrieval_accuracy" in out
     res = json.loads(js.read_text())
@@ -190,7 +192,7 @@ def test_evaluate_generation_on_a_heldout_folder_groups_its_captions(model_dir, 
     held = _heldout_folder(tmp_path / "held", caps)
     js = tmp_path / "held.json"
     assert main(["evaluate", "generation", "--model", str(model_dir), "--data", str(held), "--num-images", "1",
-                 "--steps", "2", "--prior-steps", "2", "--json", str(js), "--no-record", "--no-progress"]) == 0
+                 "--steps", "2", "--prior-steps", "2", "--json", str(js), "--no-progress"]) == 0
     out = capsys.readouterr().out
     rows = dict(line.rsplit(None, 1) for line in out.splitlines()[2:] if line and not line.startswith("samples"))
     assert rows["chance_prompt_retrieval"] == "33.33" and rows["prompts"] == "3" and rows["reference_images"] == "6"
@@ -198,7 +200,7 @@ def test_evaluate_generation_on_a_heldout_folder_groups_its_captions(model_dir, 
     res = json.loads(js.read_text())
     assert res["prompts"] == ["a red heart", "a cat face", "a slice of pizza"] and res["num_images"] == 3
     assert res["image_prompt_index"] == [0, 1, 2] and res["prompt_source"] == "data"
-    assert not (model_dir / "genvl.json").read_text().count('"generation"')  # --no-record
+    assert not (model_dir / "genvl.json").read_text().count('"generation"')  # no --record
     # bad input: one line, exit 2, before any sampling
     single = _heldout_folder(tmp_path / "single", ["a cat face"] * 3)
     for argv, needle in [([], "--data HELDOUT"), (["--data", str(held), "--max-prompts", "1"], "at least 2"),

@@ -59,7 +59,7 @@ def test_evaluate_reconstruction_prints_and_records(vq_dir, shapes_dir, tmp_path
     capsys.readouterr()
     js = tmp_path / "r.json"
     assert main(["evaluate", "reconstruction", "--model", str(vq_dir), "--data", str(shapes_dir), "--limit", "8",
-                 "--json", str(js), "--no-progress"]) == 0
+                 "--json", str(js), "--record", "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "reconstruction on 8 images" in table
     for key in ("psnr", "codebook_usage", "perplexity"):

@@ -1,17 +1,37 @@
-"""The emoji builder on fake npm tarballs with the emoji-datasource layout (no network)."""
+"""The demo's emoji-set builder (scripts/emoji_set.py) on fake npm tarballs with the emoji-datasource
+layout, and its command line on a fake npm (no network)."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import os
+import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from genvl.data import build_emoji_dataset, emoji_caption, open_image_text
+from genvl.data import open_image_text
 from genvl.errors import DataError
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "emoji_set.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("emoji_set", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script loads
+    spec.loader.exec_module(module)
+    return module
+
+
+emoji_set = _load_script()
+build_emoji_dataset, emoji_caption = emoji_set.build_emoji_dataset, emoji_set.emoji_caption
 
 ENTRIES = [
     {
@@ -167,7 +187,7 @@ def test_caption_helper():
 
 
 def test_caption_leads_with_the_common_name_when_it_differs():
-    from genvl.data.emoji import common_name
+    common_name = emoji_set.common_name
 
     assert emoji_caption("HEAVY BLACK HEART", "google", common="red heart") == \
         "red heart, heavy black heart, google noto style"
@@ -176,3 +196,43 @@ def test_caption_leads_with_the_common_name_when_it_differs():
     assert common_name("2764-FE0F") == "red heart"
     assert common_name("1F385") == "santa claus"
     assert common_name("ZZZZ") is None
+
+
+def fake_npm(tmp_path: Path, tarballs: dict[str, Path]) -> Path:
+    """An ``npm`` that answers ``npm pack emoji-datasource-<style>`` by copying the fake tarball into the
+    working folder and printing its name, as npm does."""
+    npm = tmp_path / "npm"
+    table = {f"emoji-datasource-{s}": str(p) for s, p in tarballs.items()}
+    npm.write_text(f"""#!{sys.executable}
+import os, shutil, sys
+table = {table!r}
+assert sys.argv[1] == "pack", sys.argv
+src = table[sys.argv[2]]
+shutil.copy(src, os.path.basename(src))
+print(os.path.basename(src))
+""")
+    npm.chmod(npm.stat().st_mode | stat.S_IXUSR)
+    return npm
+
+
+def test_script_command_line(tmp_path, tarballs, capsys):
+    npm = fake_npm(tmp_path, tarballs)
+    out = tmp_path / "cli-emoji"
+    assert emoji_set.main([str(out), "--npm", str(npm), "--no-skin-tones", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = read_rows(out)
+    assert f"wrote {len(rows)} captioned emoji images to {out}" in printed and "google" in printed
+    assert rows and not any("skin tone" in r["text"][0] for r in rows)
+    assert all(os.path.isfile(out / r["file_name"]) for r in rows)
+    assert all(p.exists() for p in tarballs.values())  # the given tarballs were copied, not moved
+
+    assert emoji_set.main([str(tmp_path / "x"), "--npm", str(tmp_path / "no-npm"), "--no-progress"]) == 2
+    assert "npm not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        emoji_set.main([str(tmp_path / "x"), "--limit", "0"])
+    assert e.value.code == 2
+
+
+def test_script_runs_as_a_program():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: emoji_set.py") and "--no-skin-tones" in r.stdout

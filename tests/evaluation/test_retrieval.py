@@ -94,3 +94,20 @@ def test_bad_inputs():
         retrieval_metrics(torch.randn(4, 3), torch.randn(5, 3))
     with pytest.raises(ValueError, match="ks"):
         retrieval_metrics(torch.randn(4, 3), torch.randn(4, 3), ks=(0,))
+
+
+def test_duplicate_captions_are_one_group():
+    """Images 0 and 1 share a caption (so their caption embeddings are equal): a perfect embedding
+    scores R@1 = 100 with captions=, and is charged for the tie without them."""
+    captions = ["a red heart", "a red heart", "a cat face", "a star"]
+    txt = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    img = txt.clone()
+    grouped = retrieval_metrics(img, txt, ks=(1,), captions=captions)
+    assert grouped["image_to_text_R@1"] == 100.0 and grouped["text_to_image_R@1"] == 100.0
+    plain = retrieval_metrics(img, txt, ks=(1,))
+    assert plain["image_to_text_R@1"] == 50.0  # rows 0 and 1 tie with each other's caption
+    # a group does not excuse a wrong caption: image 2 closest to the heart caption is a miss
+    img[2] = torch.tensor([1.0, 0.1, 0])
+    assert retrieval_metrics(img, txt, ks=(1,), captions=captions)["image_to_text_R@1"] == 75.0
+    with pytest.raises(ValueError, match="one entry per pair"):
+        retrieval_metrics(img, txt, captions=captions[:3])

@@ -174,7 +174,7 @@ def test_train_sample_evaluate_by_cli(shapes_dir, docs_file, init_dir, tmp_path,
     # evaluation on the pairs the training held out; the figures go to JSON and the model card
     res_path = tmp_path / "il.json"
     assert main(["evaluate", "interleaved", "--model", str(out), "--data", str(shapes_dir), "--json", str(res_path),
-                 "--guidance", "1.5", *Q]) == 0
+                 "--guidance", "1.5", "--record", *Q]) == 0
     text = capsys.readouterr().out
     assert "held-out pairs (model.holdout 0.25)" in text and "cosine" in text
     res = json.loads(res_path.read_text())

@@ -10,15 +10,12 @@ from genvl.checkpoint import open_model_dir, save_model_dir
 from genvl.models.decoder import (
     DECODER_SIZES,
     SCHEDULER_KINDS,
-    SUPERRES_SIZES,
     Decoder,
     DecoderConfig,
-    SuperRes,
-    SuperResConfig,
     coarse_loss,
     decoder_config,
-    superres_config,
 )
+from genvl.models.superres import SUPERRES_SIZES, SuperRes, SuperResConfig, superres_config
 
 D, W = 32, 24  # W != D exercises the text projection
 
@@ -185,7 +182,7 @@ def test_coarse_layout_path_conditions_and_grows_without_changing_the_function()
     with torch.no_grad():
         assert torch.allclose(base(x, t, z), grown(x, t, z), atol=1e-6)  # zero weights on the new channels
         grown.unet.conv_in.weight[:, 3:].normal_()
-        out, coarse = grown(x, t, z, return_coarse=True)
+        out, coarse = grown(x, t, z), grown.coarse(z)
         assert coarse.layouts.shape == (2, 1, 3, 8, 8) and coarse.scores is None
         assert torch.equal(coarse.picked(), grown.coarse_image(z))
         assert not torch.allclose(out, grown(x, t, z.flip(0)), atol=1e-5)
@@ -194,7 +191,9 @@ def test_coarse_layout_path_conditions_and_grows_without_changing_the_function()
     with pytest.raises(ValueError, match="coarse_size"):
         decoder_config("tiny", coarse_size=64)
     with pytest.raises(ValueError, match="no coarse"):
-        base(x, t, z, return_coarse=True)
+        base.coarse_image(z)
+    with pytest.raises(ValueError, match="target must be one of"):
+        base(x, t, z, target="v")
 
 
 def test_mixture_layout_path_hands_on_its_best_scored_layout(tmp_path):
@@ -205,7 +204,7 @@ def test_mixture_layout_path_hands_on_its_best_scored_layout(tmp_path):
         assert pred.layouts.shape == (2, 3, 3, 4, 4) and pred.scores.shape == (2, 3)
         best = pred.scores.argmax(1)
         assert torch.equal(dec.coarse_image(z), pred.layouts[torch.arange(2), best])
-        out, coarse = dec(x, t, z, return_coarse=True)
+        out, coarse = dec(x, t, z), dec.coarse(z)
         assert torch.equal(coarse.picked(), dec.coarse_image(z))
         # the UNet reads the picked layout: forcing another head's score changes the output
         dec.coarse[-1].bias[-3:] += torch.tensor([0.0, 0.0, 1e4]) if best[0] != 2 else torch.tensor([1e4, 0.0, 0.0])

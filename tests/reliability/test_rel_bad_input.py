@@ -169,7 +169,7 @@ def tails(model_dir: Path, image: Path, out: Path) -> dict[str, list[str]]:
         "train": ["--data", str(out / "no-such-data"), "--out", str(out / "run"), "--no-progress"],
         "classify": [str(image), "--model", str(model_dir)],
         "caption": [str(image), "--model", str(model_dir), "--max-tokens", "4"],
-        "evaluate": ["--model", str(model_dir), "--no-record", "--data", str(out / "no-such-data"), "--limit", "2"],
+        "evaluate": ["--model", str(model_dir), "--data", str(out / "no-such-data"), "--limit", "2"],
         "info": [],
     }
 
@@ -209,7 +209,7 @@ def test_more_boundaries(model_dir, image, argv):
     latin1 = Path("latin1.txt")
     latin1.write_bytes("caf\xe9\ncr\xe8me\n".encode("latin-1"))
     argv = [{"IMAGE": str(image), "LATIN1": str(latin1)}.get(a, a) for a in argv]
-    extra = {"sample": FAST, "classify": [], "evaluate": ["--no-record"]}
+    extra = {"sample": FAST, "classify": [], "evaluate": []}
     if argv[0] in extra:
         argv = [*argv, "--model", str(model_dir), *extra[argv[0]]]
     code, _, err = run(argv)

@@ -623,7 +623,7 @@ def real_decoder():
 
 @pytest.fixture(scope="module")
 def real_sr():
-    from genvl.models.decoder import SuperRes, superres_config
+    from genvl.models.superres import SuperRes, superres_config
 
     torch.manual_seed(0)
     return SuperRes(superres_config("tiny")).eval()  # 16 -> 32 px
@@ -785,13 +785,13 @@ def test_transparent_pil_images_are_composited_on_white_as_in_training():
     """A PIL image with an alpha channel reads as the data loader reads it: transparent pixels become
     white whatever colour they store (emoji PNGs store black or junk there)."""
     from genvl.data import load_rgb
-    from genvl.sampling.unclip import _as_pixels
+    from genvl.sampling.common import as_pixels
 
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[..., :3] = (200, 30, 40)  # colour stored everywhere ...
     rgba[2:6, 2:6, 3] = 255  # ... but only a red square is opaque
     im = Image.fromarray(rgba, "RGBA")
-    px = _as_pixels(im)
+    px = as_pixels(im)
     assert px.shape == (1, 3, 8, 8)
     assert torch.allclose(px[0, :, 0, 0], torch.ones(3))  # transparent corner: white
     assert torch.allclose(px[0, :, 3, 3], torch.tensor([200, 30, 40]) / 127.5 - 1)  # opaque: its colour

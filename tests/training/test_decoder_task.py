@@ -16,7 +16,10 @@ from genvl.errors import ConfigError, ModelDirError
 from genvl.training import TrainConfig, train
 from genvl.training.tasks import get_task
 from genvl.training.tasks.clip import CLIPTask
-from genvl.training.tasks.decoder import DecoderTask, SuperResTask, cond_dropped, diffusion_loss
+from genvl.training.tasks.conditioning import PRIOR_SAMPLES_FILE, cond_dropped, mix_prior_samples
+from genvl.training.tasks.decoder import DecoderTask
+from genvl.training.tasks.diffusion import diffusion_loss
+from genvl.training.tasks.superres import SuperResTask
 
 FAST = ["batch_size=8", "max_steps=2", "warmup_steps=1", "log_every=1", "save_every=0", "tokenizer_vocab=300",
         "text_len=8", "tracker=none"]
@@ -214,16 +217,17 @@ def test_truncated_snr_weighting_trains(task_cls, shapes_dir, clip_dir, tmp_path
 
 
 def test_raw_output_is_what_the_epsilon_is_made_of():
-    """forward(raw=True) gives the UNet's v; converted, it is exactly forward()'s epsilon."""
-    from genvl.models.decoder import Decoder, _to_epsilon, decoder_config
+    """forward(target="unet") gives the UNet's v; converted, it is exactly forward()'s epsilon."""
+    from genvl.models.decoder import Decoder, decoder_config
+    from genvl.models.diffusion import to_epsilon
 
     torch.manual_seed(0)
     dec = Decoder(decoder_config("tiny", image_size=16, embed_dim=8)).eval()
     x, t, z = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.randn(2, 8)
     with torch.no_grad():
-        v, eps = dec(x, t, z, raw=True), dec(x, t, z)
+        v, eps = dec(x, t, z, target="unet"), dec(x, t, z)
     assert not torch.allclose(v, eps, atol=1e-3)
-    torch.testing.assert_close(_to_epsilon(v, x, t, dec.alphas_cumprod, "v"), eps)
+    torch.testing.assert_close(to_epsilon(v, x, t, dec.alphas_cumprod, "v"), eps)
 
 
 def test_coarse_layout_path_is_fitted_then_trained(shapes_dir, clip_dir, tmp_path):
@@ -296,12 +300,10 @@ def test_prior_samples_fit_the_layout_path_on_the_priors_draws(shapes_dir, tmp_p
     n = len(open_image_text(shapes_dir))
     assert task.coarse_fit["images"] == n and task.coarse_fit["prior_samples"] == 2 * n
     assert plain.coarse_fit["prior_samples"] == 0
-    from genvl.training.tasks.decoder import PRIOR_SAMPLES_FILE
-
     assert (tmp_path / "mixed" / "train" / "decoder" / PRIOR_SAMPLES_FILE).is_file()  # kept for a resume
     assert not (tmp_path / "plain" / "train" / "decoder" / PRIOR_SAMPLES_FILE).exists()
 
-    table, has = task._prior_table
+    table, has = task.prior_table
     assert has.all() and table.shape[:2] == (n, 2)
     torch.testing.assert_close(table.norm(dim=-1), torch.ones(n, 2))  # unit CLIP image embeddings
     md = open_model_dir(base)
@@ -332,17 +334,15 @@ def test_prior_samples_fit_the_layout_path_on_the_priors_draws(shapes_dir, tmp_p
 
 
 def test_prior_samples_are_mixed_into_coarse_only_batches():
-    task = DecoderTask(cfg())
     K, D = 3, 4
     table, has = torch.randn(10, K, D), torch.zeros(10, dtype=torch.bool)
     has[:5] = True
-    task._prior_table = (table, has)
     torch.manual_seed(0)
     index = torch.arange(10).repeat(200)
     keep = torch.ones(len(index), dtype=torch.bool)
     keep[::7] = False  # dropped (unconditional) rows keep their zeros
     z = torch.zeros(len(index), D)
-    out = task._mix_prior_samples(z, index, keep)
+    out = mix_prior_samples(table, has, z, index, keep)
     swapped = out.abs().sum(-1) > 0
     assert not swapped[index >= 5].any() and not swapped[~keep].any()
     frac = swapped[(index < 5) & keep].float().mean().item()
@@ -382,7 +382,7 @@ def test_prior_samples_condition_the_full_decoder_loss(shapes_dir, clip_dir, tmp
     batch = task.collate([data[i] for i in range(len(data))] * 4)
     loss, _ = task.loss(model, batch)
     assert torch.isfinite(loss)
-    table, _ = task._prior_table
+    table, _ = task.prior_table
     with torch.no_grad():
         own = task.clip.encode_image(batch["pixel_values"]).float()
     z, idx, drop = seen["z"], batch["index"], batch["drop"]
@@ -398,8 +398,6 @@ def test_prior_samples_are_kept_in_the_run_folder_and_read_back(shapes_dir, clip
     """The draws are written to the stage's run folder; a second build there with the same prior, settings
     and captions reads them (the prior is not run again), and another seed draws anew."""
     import genvl.sampling.unclip as unclip
-    from genvl.training.tasks.decoder import PRIOR_SAMPLES_FILE
-
     base = open_model_dir(_with_prior_and_layout(shapes_dir, clip_dir, tmp_path))
     data = open_image_text(shapes_dir, image_size=32)
     run = tmp_path / "run" / "train" / "decoder"
@@ -423,11 +421,11 @@ def test_prior_samples_are_kept_in_the_run_folder_and_read_back(shapes_dir, clip
     monkeypatch.setattr(unclip, "sample_prior", counting)
     again = build()
     assert drawn == []  # read back, not drawn
-    for a, b in zip(first._prior_table, again._prior_table):
+    for a, b in zip(first.prior_table, again.prior_table):
         assert torch.equal(a, b)
     other = build("seed=1")  # another seed: other captions and noise, so drawn again and the file replaced
     assert sum(drawn) == 2 * len(data)
-    assert not torch.equal(other._prior_table[0], first._prior_table[0])
+    assert not torch.equal(other.prior_table[0], first.prior_table[0])
     (run / PRIOR_SAMPLES_FILE).write_bytes(b"not a safetensors file")  # a damaged file is drawn over
     drawn.clear()
     build("seed=1")

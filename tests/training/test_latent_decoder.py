@@ -149,7 +149,7 @@ def test_latent_needs_a_vqvae(shapes_dir, tmp_path):
 
 
 def test_lora_leaves_the_frozen_vqvae_alone(tmp_path):
-    from genvl.models.lora import add_lora, apply_adapter, has_lora
+    from genvl.models.lora import add_lora, has_lora
 
     dec, vq = tiny_latent_decoder()
     add_lora(dec, rank=2)

@@ -106,7 +106,7 @@ def test_lm_trains_end_to_end_and_samples(shapes_dir, stub_init, tmp_path, capsy
     assert all({"image_loss", "text_loss", "t2i_frac"} <= set(r) for r in rows)
     assert any(0 < r["t2i_frac"] < 1 for r in rows)
     md = open_model_dir(out)
-    lm, vq, tok = md.load("lm"), md.load("vqvae"), md.tokenizer()
+    lm, _, tok = md.load("lm"), md.load("vqvae"), md.tokenizer()
     assert lm.layout == TokenLayout.from_tokenizer(tok, 27, 16) and lm.config.text_len == 8
     # the CLI samples and captions from the released directory
     assert main(["sample", "--method", "ar", "a red circle", "--model", str(out), "--out", str(tmp_path / "s"),

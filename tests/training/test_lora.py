@@ -68,7 +68,7 @@ def test_bad_targets_name_the_layers():
         add_lora(dec, rank=4, targets=["no_such_layer"])
 
 
-def test_lora_decoder_finetune_is_small_and_loads(shapes_dir, base_dir, tmp_path):
+def test_lora_decoder_finetune_is_small_and_loads(shapes_dir, base_dir, tmp_path, capsys):
     out = tmp_path / "ft"
     base = open_model_dir(base_dir)
     before = base.load("decoder").state_dict()
@@ -83,6 +83,19 @@ def test_lora_decoder_finetune_is_small_and_loads(shapes_dir, base_dir, tmp_path
     meta = json.loads((out / "genvl.json").read_text())
     assert set(meta["components"]) == {"clip", "prior", "decoder"}
     assert "lora" in meta["training"]["decoder"]
+    # its own card: the base by path and hash, only its own training, Hugging Face front matter
+    assert meta["base"]["model"] == str(base_dir.resolve()) and len(meta["base"]["sha256"]) == 16
+    assert set(meta["training"]) == {"decoder"}
+    card = (out / "README.md").read_text()
+    assert card.startswith(f"---\nlibrary_name: genvl\nbase_model: {base_dir.resolve()}\n")
+    assert "## Training: decoder" in card and "## Training: clip" not in card
+    from genvl.cli import main
+
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"finetuned from: {base_dir.resolve()}" in shown
+    assert "LoRA adapter" in shown and str((base_dir / "decoder").resolve()) in shown
 
     md = open_model_dir(out)
     assert md.component_kind("decoder") == "lora" and md.component_kind("clip") == "ref"

@@ -53,3 +53,17 @@ def test_cli_fails_before_loading_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "model.cond_dorp" in err and "cond_drop" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_options_are_a_dataclass_taken_out_of_the_model_section():
+    from genvl.training.recipes import take_options
+    from genvl.training.tasks.decoder import DecoderOptions
+
+    overrides = {"cond_drop": 0.3, "coarse_size": 4, "size": "small"}
+    o = take_options(DecoderOptions, overrides)
+    assert (o.cond_drop, o.size, o.coarse_only, o.coarse_fit_steps) == (0.3, "small", False, 2000)
+    assert overrides == {"coarse_size": 4}  # the DecoderConfig field stays for the model
+    with pytest.raises(ConfigError, match="model.coarse_only: expected true or false"):
+        get_task("decoder", apply_overrides(TrainConfig(), ["model.coarse_only=3"]))
+    with pytest.raises(ConfigError, match="model.train_crp: not a setting of the sr stage.*train_crop"):
+        get_task("sr", apply_overrides(TrainConfig(), ["model.train_crp=8"]))

@@ -300,7 +300,7 @@ def test_cli_t2i_options(tmp_path, shapes16, capsys):
     with pytest.raises(GenvlError, match="not a genvl model"):
         run_t2i(_opts(shapes16, precious, init="scratch", budget_s=10.0), progress=False, overwrite=True)
     assert (precious / "thesis.tex").read_text() == "years of work"
-    from genvl.cli import _parse_budget
+    from genvl.cli import parse_budget
 
-    assert _parse_budget("45m") == 2700 and _parse_budget("1h30m") == 5400 and _parse_budget("90s") == 90
-    assert _parse_budget("600") == 600
+    assert parse_budget("45m") == 2700 and parse_budget("1h30m") == 5400 and parse_budget("90s") == 90
+    assert parse_budget("600") == 600

@@ -195,7 +195,7 @@ def test_siglip_and_soft_losses_train(shapes_dir, tmp_path):
 
 
 def test_lit_frozen_text_encoder_from_a_huggingface_directory(shapes_dir, tmp_path):
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
     from genvl.tokenizers.text import train_text_tokenizer
 
@@ -315,3 +315,49 @@ def test_budget_refits_when_the_speed_drops(shapes_dir, tmp_path, monkeypatch):
     res = train(CLIPTask(c), shapes_dir, tmp_path / "s", progress=False)
     assert len(fits) >= 2 and min(fits[1:]) < 0.7 * fits[0], fits  # the first fit assumed the fast steps
     assert res.seconds < 4 + 1.0 and res.step >= 0.8 * c.max_steps  # ran (nearly) to its refitted end
+
+
+def test_first_phase_fits_its_module_alone_and_repeats_under_a_seed():
+    """A Phase trains only its module's parameters, by the trainer's optimizer, the same way twice."""
+    from genvl.training.trainer import Phase, run_phase
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x @ torch.randn(4, 2, generator=g)
+
+    def fit(seed):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Linear(2, 2))
+        frozen = model[1].weight.detach().clone()
+        seen = []
+        phase = Phase("fit", model[0], (x, y), lambda m, xb, yb: (model[1](m(xb)) - yb).pow(2).mean(), steps=200,
+                      lr=3e-2, batch_size=16, done=lambda: seen.append(True))
+        before = (model(x) - y).pow(2).mean().item()
+        run_phase(phase, seed)
+        assert seen == [True] and torch.equal(model[1].weight, frozen)
+        return before, (model(x) - y).pow(2).mean().item(), model[0].weight.detach().clone()
+
+    before, after, w = fit(0)
+    assert after < 0.5 * before
+    assert torch.equal(fit(0)[2], w) and not torch.equal(fit(1)[2], w)
+
+
+def test_trackers_accelerate_supports_and_a_missing_package_fails_in_one_line(monkeypatch):
+    """tracker= takes accelerate's tracker names; a named one whose package is missing is an error that
+    says what to install, before anything trains; a misspelled one fails as the recipe is read."""
+    import importlib.util
+
+    from genvl.errors import ConfigError
+    from genvl.training.config import TRACKERS
+    from genvl.training.trainer import _tracker
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    assert set(TRACKERS) <= set(LOGGER_TYPE_TO_CLASS)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "tensorboard") else real(name, *a))
+    with pytest.raises(TrainingError, match="tracker 'wandb' asked for but the wandb package is not installed"):
+        _tracker(cfg("tracker=wandb"))
+    assert _tracker(cfg("tracker=auto")) is None and _tracker(cfg("tracker=none")) is None
+    with pytest.raises(ConfigError, match="tracker must be auto, none or one of tensorboard, wandb"):
+        cfg("tracker=wandbb").validate()

@@ -51,6 +51,35 @@ def test_generate_matches_genvl_sample(md, tmp_path, capsys, method):
         SAMPLING["steps"] if method == "unclip" else SAMPLING["ar_guidance"])
 
 
+def test_starting_settings_come_from_the_pipeline_objects(md):
+    """The boxes start from what the loaded pipeline resolves, not from a copy of the command line's parser."""
+    from genvl.cli import build_parser
+
+    pipe = A.METHODS["unclip"].load(md, "cpu")
+    pipe.recommended["steps"] = 7  # a pipeline that recommends something else than its model directory
+    s = A.sample_defaults(md, "unclip", pipe)
+    assert s["steps"] == 7 and s["prior_steps"] == SAMPLING["prior_steps"] and s["scheduler"] == "ddim"
+    ar = A.METHODS["ar"].load(md, "cpu")
+    ar.recommended["ar_guidance"] = 5.5
+    assert A.sample_defaults(md, "ar", ar)["guidance"] == 5.5
+    assert A.sample_defaults(md, "ar")["guidance"] == SAMPLING["ar_guidance"]  # loads the pipeline itself
+    # the values that are not the model's (images, seed, sampler) are genvl sample's, as are classify's
+    cli = vars(build_parser().parse_args(["sample", "x"]))
+    assert {k: s[k] for k in ("num_images", "seed", "temperature", "top_k", "top_p", "frames", "invert")} == \
+        {k: cli[k] for k in ("num_images", "seed", "temperature", "top_k", "top_p", "frames", "invert")}
+    cli = vars(build_parser().parse_args(["classify", "x"]))
+    assert A.classify_defaults() == {k: cli[k] for k in ("method", "samples", "seed", "template")}
+
+
+def test_the_ui_does_not_import_the_command_line():
+    import subprocess
+    import sys
+
+    code = "import sys, genvl.ui.actions; print('genvl.cli' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
 def test_progress_reaches_one_over_all_stages(md):
     seen = []
     tracker = A.StepTracker(lambda fraction, text: seen.append((fraction, text)))
@@ -235,7 +264,7 @@ def test_interleaved_method_returns_a_document(tmp_path):
     assert out.segments[0] == ("text", "a red circle")
     assert all(kind in ("text", "image") for kind, _ in out.segments)
     assert len(out.images) == sum(kind == "image" for kind, _ in out.segments) == len(out.metas)
-    ref = generate_document(InterleavedParts.from_model_dir(md), "a red circle", max_images=1, steps=2,
+    ref = generate_document(InterleavedParts.from_model_dir(md), "a red circle", max_images=1, steps=2,  # as genvl sample
                             guidance=s["guidance"], scheduler=s["scheduler"], seed=3,
                             temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
     ref_images = [seg["image"] for seg in ref.segments if seg.get("image") is not None]

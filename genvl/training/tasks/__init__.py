@@ -14,7 +14,7 @@ TASKS = {
     "clip": "genvl.training.tasks.clip:CLIPTask",
     "prior": "genvl.training.tasks.prior:PriorTask",
     "decoder": "genvl.training.tasks.decoder:DecoderTask",
-    "sr": "genvl.training.tasks.decoder:SuperResTask",
+    "sr": "genvl.training.tasks.superres:SuperResTask",
     "vqvae": "genvl.training.tasks.vqvae:VQVAETask",
     "lm": "genvl.training.tasks.lm:LMTask",
     "interleaved": "genvl.training.tasks.interleaved:InterleavedTask",

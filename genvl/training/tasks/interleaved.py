@@ -498,7 +498,7 @@ class InterleavedTask(Task):
             return None
         from genvl.sampling.interleaved import InterleavedParts, generate_document, generate_image_embeds
         from genvl.sampling.unclip import sample_decoder
-        from genvl.training.tasks.decoder import _save_grid
+        from genvl.training.previews import save_grid
 
         was_training = model.training
         model.eval()
@@ -526,4 +526,4 @@ class InterleavedTask(Task):
         path.with_suffix(".txt").write_text("\n".join(lines) + "\n")
         if len(rows) < 2:
             return path.with_suffix(".txt")
-        return _save_grid(rows, path)
+        return save_grid(rows, path)

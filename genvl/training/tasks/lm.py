@@ -24,7 +24,6 @@ by ``model.caption_weight`` (default 1). ``image_loss`` and ``text_loss`` are lo
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from genvl.errors import ConfigError, ModelDirError
 from genvl.models.lm import TokenLayout, TokenLM, TokenLMConfig, encode_captions, lm_config
 from genvl.tokenizers.text import train_text_tokenizer
+from genvl.training.tasks.conditioning import keyed_coin
 from genvl.training.trainer import Task
 
 NUM_FIXED = 8  # training captions shown in the sample grids
@@ -42,20 +42,12 @@ SAMPLE_GUIDANCE = 3.0
 
 def t2i_order(fraction: float, seed: int, epoch: int, index: int) -> bool:
     """Whether sample ``index`` is a text -> image sequence in ``epoch`` (else image -> text)."""
-    if fraction >= 1.0:
-        return True
-    if fraction <= 0.0:
-        return False
-    return random.Random(f"lm-order:{seed}:{epoch}:{index}").random() < fraction
+    return keyed_coin(fraction, f"lm-order:{seed}:{epoch}:{index}")
 
 
 def cond_dropped(probability: float, seed: int, epoch: int, index: int) -> bool:
     """Whether the caption of text -> image sample ``index`` is dropped in ``epoch`` (CFG)."""
-    if probability <= 0.0:
-        return False
-    if probability >= 1.0:
-        return True
-    return random.Random(f"lm-cond:{seed}:{epoch}:{index}").random() < probability
+    return keyed_coin(probability, f"lm-cond:{seed}:{epoch}:{index}")
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, image_targets: torch.Tensor, text_targets: torch.Tensor,
@@ -195,9 +187,9 @@ class LMTask(Task):
         want = meta.get("vqvae_sha256")
         weights = init.path / "vqvae" / "model.safetensors"
         if want and weights.is_file():
-            from genvl.data.tokenized import _sha256
+            from genvl.data.tokenized import file_sha256
 
-            if _sha256(weights) != want:
+            if file_sha256(weights) != want:
                 raise ConfigError(
                     f"{dataset.path} was tokenized with other vqvae weights than {weights}; "
                     f"re-run genvl data tokenize with --model {init.path}"
@@ -246,7 +238,7 @@ class LMTask(Task):
         The captions the LM writes for those images go to a ``.txt`` beside the PNG.
         """
         from genvl.sampling.autoregressive import caption, text_to_image
-        from genvl.training.tasks.decoder import _save_grid
+        from genvl.training.previews import save_grid
 
         was_training = model.training
         model.eval()
@@ -260,7 +252,7 @@ class LMTask(Task):
                                max_new_tokens=self.text_len + 1)
         finally:
             model.train(was_training)
-        path = _save_grid([recon.clamp(-1, 1), out.images.cpu()], Path(path))
+        path = save_grid([recon.clamp(-1, 1), out.images.cpu()], Path(path))
         lines = [f"{t}\t->\t{c}" for t, c in zip(self.fixed_texts, caps.captions)]
         path.with_suffix(".txt").write_text("\n".join(lines) + "\n")
         return path

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from genvl.errors import ConfigError
 from genvl.evaluation.reconstruction import psnr
 from genvl.tokenizers.vqvae import VQVAE, AdversarialVQVAE, VQVAEConfig, PatchDiscriminator, vqvae_config
-from genvl.training.tasks.decoder import _fixed_items, _save_grid
+from genvl.training.previews import fixed_items, save_grid
 from genvl.training.trainer import Task
 
 RECON_LOSSES = ("l1", "mse")
@@ -138,7 +138,7 @@ class VQVAETask(Task):
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"bad vqvae model config: {e}") from None
         self.step0 = int(vq.quantizer.train_steps.item())
-        self.fixed_pixels, _ = _fixed_items(dataset)
+        self.fixed_pixels, _ = fixed_items(dataset)
         model = vq
         if self.gan_weight > 0:
             try:
@@ -231,4 +231,4 @@ class VQVAETask(Task):
                 recon = vq.reconstruct(self.fixed_pixels.to(vq.device)).cpu()
         finally:
             vq.train(was_training)
-        return _save_grid([self.fixed_pixels, recon], path)
+        return save_grid([self.fixed_pixels, recon], path)

@@ -1,10 +1,14 @@
-"""``genvl data emoji OUT``: an openly licensed emoji image-caption set from npm.
+"""Build the demo's emoji image-caption set from npm: an openly licensed set of captioned 64 px emoji.
+
+    python scripts/emoji_set.py data/emoji                      # 7,572 images, both styles
+    python scripts/emoji_set.py data/emoji-base --no-skin-tones # without skin-tone variations
 
 The ``emoji-datasource-<style>`` npm packages (iamcal/emoji-data) ship 64 px PNGs for every emoji
 and skin-tone variation, and an ``emoji.json`` with their Unicode names. Only the two styles with
 open image licences are supported: Google Noto (Apache-2.0) and Twitter Twemoji (CC-BY-4.0).
 
-The output is an imagefolder that :func:`genvl.data.open_image_text` reads directly::
+It needs ``npm`` on PATH (or ``--npm PATH``). The output is an imagefolder that
+:func:`genvl.data.open_image_text` reads directly::
 
     OUT/metadata.jsonl                 {"file_name": "google/1f600.png", "text": "grinning face,
                                         google noto style", "style": ..., "category": ...,
@@ -17,10 +21,12 @@ The output is an imagefolder that :func:`genvl.data.open_image_text` reads direc
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -30,7 +36,7 @@ from typing import Any, Union
 
 from tqdm.auto import tqdm
 
-from genvl.errors import DataError
+from genvl.errors import DataError, GenvlError
 
 __all__ = ["EMOJI_STYLES", "SKIN_TONES", "EmojiBuildResult", "build_emoji_dataset", "emoji_caption", "emoji_captions"]
 
@@ -292,7 +298,7 @@ def _licenses_md(styles: Sequence[str], versions: Mapping[str, str], counts: Map
     )
     return f"""# Licences of this dataset
 
-Built by `genvl data emoji` from the npm packages of emoji-data
+Built by `scripts/emoji_set.py` of genvl from the npm packages of emoji-data
 (https://github.com/iamcal/emoji-data, by Cal Henderson).
 
 | folder | images | images by | image licence | package |
@@ -397,3 +403,39 @@ def build_emoji_dataset(
     os.replace(tmp_meta, result.metadata)
     (out / "LICENSES.md").write_text(_licenses_md(styles, result.versions, result.counts), encoding="utf-8")
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python scripts/emoji_set.py OUT [--styles google,twitter] [--limit N] [--no-skin-tones]``."""
+    p = argparse.ArgumentParser(
+        prog="emoji_set.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Download emoji-datasource-google (Apache-2.0) and emoji-datasource-twitter (CC-BY-4.0)\n"
+        "with `npm pack` and write OUT/metadata.jsonl with captions for every 64x64 PNG.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--styles", default="google,twitter", help="comma-separated: google, twitter (default: both)")
+    p.add_argument("--limit", type=int, help="at most N images per style")
+    p.add_argument("--no-skin-tones", action="store_true",
+                   help="leave out the skin-tone variations (about half the images; the demo decoder trains "
+                   "without them)")
+    p.add_argument("--npm", default="npm", help="the npm executable (default: npm on PATH)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit: expected a positive integer, got {args.limit}")
+    styles = tuple(s.strip() for s in args.styles.split(",") if s.strip())
+    try:
+        res = build_emoji_dataset(args.out, styles=styles, limit=args.limit, progress=not args.no_progress,
+                                  npm=args.npm, skin_tones=not args.no_skin_tones)
+    except GenvlError as e:
+        print(f"emoji_set.py: error: {e}", file=sys.stderr)
+        return 2
+    per_style = ", ".join(f"{s} {n} (v{res.versions.get(s, '?')})" for s, n in res.counts.items())
+    print(f"wrote {res.total} captioned emoji images to {res.out_dir} ({per_style}); "
+          f"licences in {Path(res.out_dir) / 'LICENSES.md'}")
+    if res.missing:
+        print(f"{len(res.missing)} image(s) listed in emoji.json were not in the package")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

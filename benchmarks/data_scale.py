@@ -1,0 +1,152 @@
+"""Does reading data scale with the number of shards? Map-style against streaming.
+
+Simulated sets of 10, 100 and 2,000 small webdataset shards (generated locally, 4 samples of
+32 px PNG + caption each) are read by 1 and 2 processes, each process a fresh interpreter so
+that its memory is its own:
+
+- start-up: seconds from building the dataset to the first batch in hand;
+- resident memory: the process's peak RSS (MiB) after reading;
+- samples/s per process over the batches after the first.
+
+Map-style (:class:`genvl.data.ImageTextDataset`) indexes every member of every shard on every
+process before the first batch; streaming (:class:`genvl.data.streaming.StreamingImageText`)
+opens only the shards of its own share as it reads them. Goal: on the streaming path start-up and
+memory at 2,000 shards stay within 2x of the 10-shard figures.
+
+    python benchmarks/data_scale.py                       # table + benchmarks/results/data_scale.json
+    python benchmarks/data_scale.py --shards 10,100 --batches 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+SAMPLES_PER_SHARD = 4
+
+
+def make_shards(root: Path, n: int) -> str:
+    """``n`` shards of 4 samples in ``root``; returns the brace pattern."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n):
+        path = root / f"{s:05d}.tar"
+        if path.exists():
+            continue
+        with tarfile.open(path, "w") as tar:
+            for j in range(SAMPLES_PER_SHARD):
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), ((s * 37 + j) % 256, (s * 11) % 256, (j * 60) % 256)).save(buf, "PNG")
+                for name, data in ((f"{s:05d}{j:03d}.png", buf.getvalue()),
+                                   (f"{s:05d}{j:03d}.txt", f"shape {s % 17} colour {j}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(root / f"{{00000..{n - 1:05d}}}.tar")
+
+
+def child(mode: str, pattern: str, rank: int, world: int, batches: int, batch_size: int) -> dict:
+    """One process's measurement (run in a fresh interpreter)."""
+    import resource
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    if mode == "map":
+        from genvl.data import collate_image_text, open_image_text
+
+        ds = open_image_text(pattern, image_size=32, validate=False)
+        rows = list(range(rank, len(ds), world))  # a distributed sampler's share
+        loader = DataLoader(torch.utils.data.Subset(ds, rows), batch_size=batch_size, collate_fn=collate_image_text)
+    else:
+        from genvl.data.streaming import StreamingImageText, collate_stream
+
+        ds = StreamingImageText(pattern, image_size=32, rank=rank, world_size=world)
+        loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_stream)
+    it = iter(loader)
+    next(it)
+    startup = time.perf_counter() - t0
+    t1, n = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            n += len(next(it)["text"])
+        except StopIteration:
+            break
+    rate = n / max(time.perf_counter() - t1, 1e-9)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    return {"startup_s": startup, "rss_mib": rss, "samples_per_s": rate}
+
+
+def measure(mode: str, pattern: str, world: int, batches: int, batch_size: int) -> dict:
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", mode, pattern, str(r), str(world), str(batches),
+                               str(batch_size)], stdout=subprocess.PIPE, text=True) for r in range(world)]
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    return {"startup_s": max(o["startup_s"] for o in outs), "rss_mib": max(o["rss_mib"] for o in outs),
+            "samples_per_s": sum(o["samples_per_s"] for o in outs) / world}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", default="10,100,2000", help="shard counts, comma-separated")
+    ap.add_argument("--procs", default="1,2", help="process counts, comma-separated")
+    ap.add_argument("--batches", type=int, default=20, help="batches timed after the first, per process")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--work", default=None, help="where the shards go (default: a temp folder)")
+    ap.add_argument("--json", default="benchmarks/results/data_scale.json")
+    ap.add_argument("--child", nargs=6, metavar=("MODE", "PATTERN", "RANK", "WORLD", "BATCHES", "BS"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        mode, pattern, rank, world, batches, bs = args.child
+        print(json.dumps(child(mode, pattern, int(rank), int(world), int(batches), int(bs))))
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from train_common import device_name
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="data_scale-"))
+    rows = []
+    print(f"{'path':<10} {'shards':>7} {'procs':>5} {'start-up s':>11} {'RSS MiB':>8} {'samples/s/proc':>15}")
+    for n in [int(x) for x in args.shards.split(",")]:
+        pattern = make_shards(work / f"s{n}", n)
+        for world in [int(x) for x in args.procs.split(",")]:
+            for mode in ("map", "stream"):
+                r = {"path": mode, "shards": n, "procs": world, **measure(mode, pattern, world, args.batches,
+                                                                           args.batch_size)}
+                rows.append(r)
+                print(f"{mode:<10} {n:>7} {world:>5} {r['startup_s']:>11.3f} {r['rss_mib']:>8.0f} "
+                      f"{r['samples_per_s']:>15.1f}")
+    goals = []
+    counts = sorted({r["shards"] for r in rows})
+    if len(counts) > 1:
+        for world in sorted({r["procs"] for r in rows}):
+            by = {r["shards"]: r for r in rows if r["path"] == "stream" and r["procs"] == world}
+            lo, hi = by[counts[0]], by[counts[-1]]
+            for key in ("startup_s", "rss_mib"):
+                ratio = hi[key] / max(lo[key], 1e-9)
+                goals.append({"goal": f"stream {key} {counts[-1]} / {counts[0]} shards, {world} proc",
+                              "measured": round(ratio, 2), "target": "<= 2", "met": ratio <= 2})
+    for g in goals:
+        print(f"{g['goal']:<44} {g['measured']:>6} (target {g['target']}) {'met' if g['met'] else 'MISSED'}")
+    result = {"benchmark": "data_scale", "device": device_name(torch.device("cpu")), "torch": torch.__version__,
+              "samples_per_shard": SAMPLES_PER_SHARD, "config": {k: v for k, v in vars(args).items() if k != "child"},
+              "rows": rows, "goals": goals}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

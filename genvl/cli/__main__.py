@@ -1,0 +1,5 @@
+import sys
+
+from genvl.cli import main
+
+sys.exit(main())

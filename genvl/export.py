@@ -1,0 +1,204 @@
+"""Hand a genvl model directory to diffusers, transformers and peft users, in their formats.
+
+genvl's components are built on those libraries' own classes, so most export without conversion
+of the weights, only of the keys::
+
+    component   --to          written as                                 loads with
+    clip        transformers  CLIPModel + the tokenizer + CLIPImageProcessor  CLIPModel / CLIPProcessor.from_pretrained
+    lm          transformers  LlamaForCausalLM (text ids, then image codes)  LlamaForCausalLM.from_pretrained
+    prior       diffusers     PriorTransformer                            PriorTransformer.from_pretrained
+    decoder     diffusers     UNet2DConditionModel                        UNet2DConditionModel.from_pretrained
+    sr          diffusers     UNet2DModel                                 UNet2DModel.from_pretrained
+    vqvae       diffusers     VQModel                                     VQModel.from_pretrained
+    (LoRA)      peft          adapter_config.json + adapter_model.safetensors  PeftModel.from_pretrained(exported base, dir)
+
+What each exported model computes equals what it computes inside genvl (tests compare the
+outputs). genvl's conditioning glue around a diffusers core is not part of that core: the prior's
+text-state projection and embedding normalisation, the decoder's image-embedding tokens. A user
+of the exported core feeds it those inputs; ``export.json`` in the output folder says what each
+component is and what it expects. The VQ-VAE's cosine code lookup becomes diffusers' Euclidean
+one over unit-length codes, which picks the same code. Components with no counterpart in those
+libraries (the interleaved model, a CLIP with an external text encoder) are refused with a
+message, never written in a form another library would load wrongly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genvl.errors import ModelDirError
+
+__all__ = ["EXPORT_FORMATS", "export_model", "export_component"]
+
+#: ``--to`` values and the components each takes.
+EXPORT_FORMATS: dict[str, tuple[str, ...]] = {
+    "transformers": ("clip", "lm"),
+    "diffusers": ("prior", "decoder", "sr", "vqvae"),
+    "peft": ("clip", "lm", "prior", "decoder", "sr"),
+}
+
+# Where each component's library model sits inside the genvl module (peft key prefixes).
+_CORE = {"lm": "model.", "prior": "transformer.", "decoder": "unet.", "sr": "unet."}
+
+
+def _clip(model, out: Path, tokenizer) -> dict[str, Any]:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    if model.config.text_encoder is not None:
+        raise ModelDirError("clip: its text tower is an external encoder, which a transformers CLIPModel cannot hold")
+    hf = CLIPModel(CLIPConfig.from_dict(model.library_config())).eval()
+    state = model.file_keys(model.state_dict())
+    state.pop("logit_bias")  # genvl's own (the sigmoid loss); CLIPModel has none
+    hf.load_state_dict(state)
+    hf.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    size = model.config.image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=list(model.PIXEL_MEAN), image_std=list(model.PIXEL_STD)).save_pretrained(out)
+    return {"class": "transformers.CLIPModel",
+            "inputs": "pixel_values normalised by the saved CLIPImageProcessor; input_ids from the saved tokenizer",
+            "note": "genvl's embeddings are get_image_features / get_text_features scaled to unit length"}
+
+
+def _lm(model, out: Path, tokenizer) -> dict[str, Any]:
+    model.model.save_pretrained(out)
+    tokenizer.save_pretrained(out / "text_tokenizer")
+    return {"class": "transformers.LlamaForCausalLM",
+            "inputs": "one vocabulary: text token ids (text_tokenizer/) first, then image codes, then <boi>, <eoi>",
+            "layout": dataclasses.asdict(model.layout)}
+
+
+def _prior(model, out: Path, tokenizer) -> dict[str, Any]:
+    model.transformer.save_pretrained(out)
+    return {"class": "diffusers.PriorTransformer",
+            "inputs": ("hidden_states: the noisy image embedding normalised by clip_mean / clip_std; "
+                       "proj_embedding: the CLIP text embedding; encoder_hidden_states: the CLIP text states "
+                       "through genvl's text_proj (not exported); output: the clean normalised embedding")}
+
+
+def _decoder(model, out: Path, tokenizer) -> dict[str, Any]:
+    model.unet.save_pretrained(out)
+    c = model.config
+    return {"class": "diffusers.UNet2DConditionModel", "parameterization": c.parameterization,
+            "inputs": ("encoder_hidden_states: genvl's image-embedding tokens (image_proj, not exported); "
+                       "class_labels: the CLIP image embedding times sqrt(embed_dim)"
+                       + ("; the coarse layout channels are concatenated to the sample" if c.coarse_size else ""))}
+
+
+def _sr(model, out: Path, tokenizer) -> dict[str, Any]:
+    model.unet.save_pretrained(out)
+    return {"class": "diffusers.UNet2DModel", "parameterization": model.config.parameterization,
+            "inputs": "the noisy image concatenated with the bicubic-upsampled low-resolution image; class_labels: the augmentation level"}
+
+
+def _vqvae(model, out: Path, tokenizer) -> dict[str, Any]:
+    from diffusers import VQModel
+
+    c = model.config
+    n = len(c.channels)
+    vq = VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(c.channels),
+        layers_per_block=c.layers_per_block, latent_channels=c.code_dim, sample_size=c.image_size,
+        num_vq_embeddings=c.codebook_size, norm_num_groups=c.norm_num_groups, vq_embed_dim=c.code_dim,
+        scaling_factor=1.0, mid_block_add_attention=c.mid_attention,
+    ).eval()
+    vq.encoder.load_state_dict(model.encoder.state_dict())
+    vq.decoder.load_state_dict(model.decoder.state_dict())
+    eye = torch.eye(c.code_dim).view(c.code_dim, c.code_dim, 1, 1)
+    with torch.no_grad():
+        for conv in (vq.quant_conv, vq.post_quant_conv):  # genvl has no 1x1 convs around the codes
+            conv.weight.copy_(eye)
+            conv.bias.zero_()
+        # Unit-length codes: the Euclidean nearest code is the cosine nearest genvl looks up.
+        vq.quantize.embedding.weight.copy_(model.quantizer.codebook())
+    vq.save_pretrained(out)
+    return {"class": "diffusers.VQModel", "inputs": "images in [-1, 1]; decode output is not clamped"}
+
+
+_WRITERS = {"clip": _clip, "lm": _lm, "prior": _prior, "decoder": _decoder, "sr": _sr, "vqvae": _vqvae}
+
+
+def _peft(model_dir, name: str, out: Path) -> dict[str, Any]:
+    """A LoRA component's adapter as a peft adapter folder over the exported library model."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from genvl.models.base import load_safetensors
+    from genvl.models.lora import LORA_WEIGHTS, read_adapter_config
+
+    folder = model_dir.path / name
+    if model_dir.component_kind(name) != "lora":
+        raise ModelDirError(f"{name}: not a LoRA adapter component (it is stored {model_dir.component_kind(name)})")
+    meta = read_adapter_config(folder)
+    weights = load_safetensors(folder / LORA_WEIGHTS)
+    if name == "clip":
+        renames = {"vision.vision_model.": "vision_model.", "vision.visual_projection.": "visual_projection.",
+                   "text.text_model.": "text_model.", "text.text_projection.": "text_projection."}
+    else:
+        renames = {_CORE[name]: ""}
+    state = {}
+    for key, value in weights.items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        if prefix is None:
+            raise ModelDirError(f"{name}: adapter weight {key} lies outside the exported model; it has no peft form")
+        state["base_model.model." + renames[prefix] + key[len(prefix):]] = value
+    targets = list(meta["targets"])
+    cfg = LoraConfig(r=int(meta["rank"]), lora_alpha=float(meta.get("alpha") or meta["rank"]),
+                     target_modules=targets, bias="none", base_model_name_or_path=str(meta["base"]))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(out))
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return {"class": "peft LoRA adapter", "base": meta["base"],
+            "inputs": f"load over the {name} component exported with --to "
+                      f"{'transformers' if name in EXPORT_FORMATS['transformers'] else 'diffusers'}"}
+
+
+def export_component(model_dir, name: str, to: str, out: str | Path) -> dict[str, Any]:
+    """Write component ``name`` of ``model_dir`` (a :class:`~genvl.checkpoint.ModelDir`) in format
+    ``to`` into the folder ``out``; returns its ``export.json`` entry."""
+    if to not in EXPORT_FORMATS:
+        raise ModelDirError(f"unknown export format {to!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    if name not in EXPORT_FORMATS[to]:
+        takes = ", ".join(EXPORT_FORMATS[to])
+        where = [f for f, names in EXPORT_FORMATS.items() if name in names and f != "peft"]
+        hint = f"; export it --to {where[0]}" if where else "; it has no counterpart in diffusers or transformers"
+        raise ModelDirError(f"{name}: not exported --to {to} (that format takes {takes}){hint}")
+    model_dir.require(name, purpose=f"export --to {to}")
+    out = Path(out)
+    if to == "peft":
+        return _peft(model_dir, name, out)
+    model = model_dir.load(name, device="cpu").float()
+    tokenizer = model_dir.tokenizer() if name in ("clip", "lm") else None
+    out.mkdir(parents=True, exist_ok=True)
+    return _WRITERS[name](model, out, tokenizer)
+
+
+def export_model(model_dir, to: str, out: str | Path, components: list[str] | None = None) -> dict[str, Any]:
+    """Export the components of ``model_dir`` that format ``to`` takes (or those named) into
+    ``out/<component>/``, with ``out/export.json`` describing them.
+
+    Raises:
+        ModelDirError: ``out`` exists and is not empty, an unknown format, a component the format
+            cannot hold, or none to export.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelDirError(f"{out}: exists and is not an empty folder; choose a new one")
+    if to not in EXPORT_FORMATS:
+        raise ModelDirError(f"unknown export format {to!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    if components is None:
+        components = [n for n in EXPORT_FORMATS[to] if model_dir.has(n)
+                      and (to != "peft" or model_dir.component_kind(n) == "lora")]
+        if not components:
+            raise ModelDirError(f"{model_dir.path}: holds no component that --to {to} takes "
+                                f"({', '.join(EXPORT_FORMATS[to])}{'; LoRA adapters only' if to == 'peft' else ''})")
+    entries = {name: export_component(model_dir, name, to, out / name) for name in components}
+    record = {"format": to, "source": str(model_dir.path), "components": entries}
+    (out / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
