@@ -52,8 +52,8 @@ TOKENIZER_DIR = "tokenizer"
 FORMAT = "genvl-model"
 
 
-def _import_components() -> None:
-    # Registers the component classes a directory may name (modules that are not there yet are skipped).
+def import_component_classes() -> None:
+    """Register every component class a model directory may name (importing their modules)."""
     import importlib
 
     for module in ("genvl.models.clip", "genvl.models.prior", "genvl.models.decoder", "genvl.models.superres",
@@ -401,7 +401,7 @@ class ModelDir:
 
     def load(self, name: str, device: str | None = None) -> ConfigModule:
         """Load component ``name`` in eval mode."""
-        _import_components()
+        import_component_classes()
         self.require(name)
         cls_name = self.meta["components"][name]
         cls = COMPONENT_CLASSES.get(cls_name)

@@ -20,6 +20,11 @@ component is and what it expects. The VQ-VAE's cosine code lookup becomes diffus
 one over unit-length codes, which picks the same code. Components with no counterpart in those
 libraries (the interleaved model, a CLIP with an external text encoder) are refused with a
 message, never written in a form another library would load wrongly.
+
+Beside each exported model, ``genvl_component.json`` (genvl's class and config) and
+``genvl_extra.safetensors`` (the weights the library model does not hold: the glue above) let
+:func:`import_model` rebuild a genvl model directory from the exported folders, also after another
+library finetuned their weights (``genvl import EXPORT... --out DIR``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ import torch
 
 from genvl.errors import ModelDirError
 
-__all__ = ["EXPORT_FORMATS", "export_model", "export_component"]
+__all__ = ["EXPORT_FORMATS", "export_model", "export_component", "import_component", "import_model"]
+
+#: Beside each exported library model: genvl's class and config, and the weights the library lacks.
+GENVL_SIDE = "genvl_component.json"
+GENVL_EXTRA = "genvl_extra.safetensors"
 
 #: ``--to`` values and the components each takes.
 EXPORT_FORMATS: dict[str, tuple[str, ...]] = {
@@ -176,7 +185,99 @@ def export_component(model_dir, name: str, to: str, out: str | Path) -> dict[str
     model = model_dir.load(name, device="cpu").float()
     tokenizer = model_dir.tokenizer() if name in ("clip", "lm") else None
     out.mkdir(parents=True, exist_ok=True)
-    return _WRITERS[name](model, out, tokenizer)
+    entry = _WRITERS[name](model, out, tokenizer)
+    _write_genvl_side(model, name, out)
+    return entry
+
+
+# ------------------------------------------------------------------------------------------ import
+# genvl's module key -> the library model's key (None: genvl's own, kept in genvl_extra.safetensors).
+def _library_key(name: str, key: str, model=None) -> str | None:
+    if name == "clip":
+        if key == "logit_bias":
+            return None
+        return next(iter(model.file_keys({key: None})))
+    if name == "vqvae":
+        return key if key.startswith(("encoder.", "decoder.")) else None
+    prefix = _CORE[name]
+    return key[len(prefix):] if key.startswith(prefix) else None
+
+
+def _write_genvl_side(model, name: str, out: Path) -> None:
+    """What turns the exported library model back into the genvl component: its class and config
+    (``genvl_component.json``) and the weights the library model does not hold (``genvl_extra.safetensors``)."""
+    from safetensors.torch import save_file
+
+    from genvl.config import to_dict
+    from genvl.models.base import class_path
+
+    extra = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+             if _library_key(name, k, model) is None}
+    (out / GENVL_SIDE).write_text(json.dumps({"component": name, "_class": class_path(model),
+                                              "config": to_dict(model.config)}, indent=2) + "\n")
+    save_file(extra or {"_none": torch.zeros(0)}, str(out / GENVL_EXTRA), metadata={"format": "pt"})
+
+
+def import_component(folder: str | Path):
+    """A genvl component rebuilt from a folder ``genvl export`` wrote (the library's weights, as
+    another library may have changed them, plus genvl's side files), in eval mode."""
+    from safetensors.torch import load_file
+
+    from genvl.checkpoint import import_component_classes
+    from genvl.config import from_dict
+    from genvl.models.base import COMPONENT_CLASSES
+
+    folder = Path(folder)
+    side = folder / GENVL_SIDE
+    if not side.is_file():
+        raise ModelDirError(f"{folder}: not written by genvl export (no {GENVL_SIDE}); only genvl's own exports "
+                            "import back (a transformers CLIP folder: genvl train clip --set model.from_hf=DIR)")
+    meta = json.loads(side.read_text())
+    import_component_classes()
+    cls = COMPONENT_CLASSES.get(meta.get("_class"))
+    if cls is None:
+        raise ModelDirError(f"{side}: unknown component class {meta.get('_class')!r}")
+    model = cls(from_dict(cls.config_class, meta["config"], where=str(side)))
+    library: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name != GENVL_EXTRA:
+            library.update(load_file(str(f)))
+    extra = load_file(str(folder / GENVL_EXTRA))
+    state = {}
+    for key in model.state_dict():
+        lib = _library_key(meta["component"], key, model)
+        source = extra if lib is None else library
+        lookup = key if lib is None else lib
+        if lookup not in source:
+            raise ModelDirError(f"{folder}: no weight {lookup} (the folder is incomplete or another model's)")
+        state[key] = source[lookup]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def import_model(folders: list[str | Path], out: str | Path):
+    """A genvl model directory at ``out`` from ``genvl export`` outputs (diffusers and / or transformers),
+    each component as the folder holds it now; the tokenizer from the exported clip or lm."""
+    from genvl.checkpoint import save_model_dir
+    from genvl.tokenizers.text import load_text_tokenizer
+
+    comps, tokenizer = {}, None
+    for root in map(Path, folders):
+        record = root / "export.json"
+        if not record.is_file():
+            raise ModelDirError(f"{root}: no export.json (not a genvl export folder)")
+        fmt = json.loads(record.read_text())
+        if fmt.get("format") == "peft":
+            raise ModelDirError(f"{root}: peft adapters import over their base with peft itself; "
+                                "genvl import takes diffusers and transformers exports")
+        for name in fmt.get("components", {}):
+            comps[name] = import_component(root / name)
+            tok_dir = root / name / ("text_tokenizer" if name == "lm" else "")
+            if tokenizer is None and name in ("clip", "lm") and (tok_dir / "tokenizer.json").is_file():
+                tokenizer = load_text_tokenizer(tok_dir)
+    if not comps:
+        raise ModelDirError("nothing to import: the export folders hold no components")
+    return save_model_dir(out, comps, tokenizer=tokenizer)
 
 
 def export_model(model_dir, to: str, out: str | Path, components: list[str] | None = None) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """``genvl export DIR --to diffusers|transformers|peft OUT``: a model's components in the formats
-of the libraries they are built on (see :mod:`genvl.export`)."""
+of the libraries they are built on; ``genvl import EXPORT... --out DIR``: back (see :mod:`genvl.export`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from genvl.export import import_model
+
+    md = import_model(args.folders, args.out)
+    print(f"genvl: {', '.join(md.components)} from {', '.join(args.folders)} -> {args.out}")
+    return 0
+
+
 def add_parsers(sub) -> None:
     from genvl.export import EXPORT_FORMATS
 
@@ -34,3 +42,11 @@ def add_parsers(sub) -> None:
     e.add_argument("out", help="output folder (new or empty)")
     e.add_argument("--components", help="comma-separated components (default: every one the format takes)")
     e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("import", help="a genvl model directory from genvl export folders", formatter_class=Formatter,
+                       description="Rebuild a genvl model directory from folders genvl export wrote (diffusers and / or\n"
+                       "transformers), taking each component's weights as the folder holds them now, e.g. after\n"
+                       "finetuning them with those libraries.")
+    i.add_argument("folders", nargs="+", help="genvl export output folders")
+    i.add_argument("--out", required=True, help="the new model directory")
+    i.set_defaults(func=cmd_import)

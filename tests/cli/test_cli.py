@@ -8,7 +8,7 @@ import pytest
 
 from genvl.cli import build_parser, main
 
-SUBCOMMANDS = ["sample", "train", "caption", "classify", "evaluate", "data", "export", "ui", "info"]
+SUBCOMMANDS = ["sample", "train", "caption", "classify", "evaluate", "data", "export", "import", "ui", "info"]
 TRAIN = ["--set", "max_steps=40", "--set", "batch_size=16", "--set", "tokenizer_vocab=300", "--set", "text_len=8",
          "--set", "tracker=none", "--set", "lr=3e-3", "--no-progress"]
 
