@@ -133,6 +133,15 @@ def _vqvae(model, out: Path, tokenizer) -> dict[str, Any]:
 _WRITERS = {"clip": _clip, "lm": _lm, "prior": _prior, "decoder": _decoder, "sr": _sr, "vqvae": _vqvae}
 
 
+def _adapter_prefixes(name: str) -> dict[str, str]:
+    """genvl module-path prefix -> the exported library model's, for adapter weight names."""
+    if name == "clip":
+        from genvl.models.clip import CLIP
+
+        return dict(CLIP.FILE_NAMES)
+    return {_CORE[name]: ""}
+
+
 def _peft(model_dir, name: str, out: Path) -> dict[str, Any]:
     """A LoRA component's adapter as a peft adapter folder over the exported library model."""
     from peft import LoraConfig
@@ -146,11 +155,7 @@ def _peft(model_dir, name: str, out: Path) -> dict[str, Any]:
         raise ModelDirError(f"{name}: not a LoRA adapter component (it is stored {model_dir.component_kind(name)})")
     meta = read_adapter_config(folder)
     weights = load_safetensors(folder / LORA_WEIGHTS)
-    if name == "clip":
-        renames = {"vision.vision_model.": "vision_model.", "vision.visual_projection.": "visual_projection.",
-                   "text.text_model.": "text_model.", "text.text_projection.": "text_projection."}
-    else:
-        renames = {_CORE[name]: ""}
+    renames = _adapter_prefixes(name)
     state = {}
     for key, value in weights.items():
         prefix = next((p for p in renames if key.startswith(p)), None)
@@ -255,29 +260,76 @@ def import_component(folder: str | Path):
     return model.eval()
 
 
-def import_model(folders: list[str | Path], out: str | Path):
-    """A genvl model directory at ``out`` from ``genvl export`` outputs (diffusers and / or transformers),
-    each component as the folder holds it now; the tokenizer from the exported clip or lm."""
-    from genvl.checkpoint import save_model_dir
+def _write_lora_from_peft(folder: Path, name: str, base_folder: Path, cls: str, out: Path) -> None:
+    """A peft adapter folder (over the exported ``name``) as a genvl LoRA component folder ``out``."""
+    from safetensors.torch import load_file, save_file
+
+    from genvl.checkpoint import component_ref
+    from genvl.models.lora import LORA_CONFIG, LORA_WEIGHTS
+
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{folder}: not a peft LoRA adapter folder ({e})") from None
+    back = {lib: ours for ours, lib in _adapter_prefixes(name).items()}
+    state = {}
+    for key, value in weights.items():
+        key = key.removeprefix("base_model.model.")
+        prefix = max((p for p in back if key.startswith(p)), key=len, default=None)
+        if prefix is None:
+            raise ModelDirError(f"{folder}: adapter weight {key} is not on the {name} model")
+        state[back[prefix] + key[len(prefix):]] = value
+    targets = cfg.get("target_modules") or []
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"_class": cls, "base": component_ref(base_folder), "rank": int(cfg["r"]),
+            "alpha": float(cfg.get("lora_alpha") or cfg["r"]), "targets": sorted(targets) if isinstance(targets, (list, set)) else targets}
+    (out / LORA_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(state, str(out / LORA_WEIGHTS), metadata={"format": "pt"})
+
+
+def import_model(folders: list[str | Path], out: str | Path, base: str | Path | None = None):
+    """A genvl model directory at ``out`` from ``genvl export`` outputs: diffusers and transformers
+    folders give components as the folder holds them now (the tokenizer from the exported clip or
+    lm); peft adapter folders give LoRA components over the same components of ``base`` (a model
+    directory), whose other components are referred to."""
+    from genvl.checkpoint import follow_refs, open_model_dir, read_meta, save_model_dir, write_meta
     from genvl.tokenizers.text import load_text_tokenizer
 
-    comps, tokenizer = {}, None
+    comps, adapters, tokenizer = {}, {}, None
     for root in map(Path, folders):
         record = root / "export.json"
         if not record.is_file():
             raise ModelDirError(f"{root}: no export.json (not a genvl export folder)")
         fmt = json.loads(record.read_text())
-        if fmt.get("format") == "peft":
-            raise ModelDirError(f"{root}: peft adapters import over their base with peft itself; "
-                                "genvl import takes diffusers and transformers exports")
         for name in fmt.get("components", {}):
+            if fmt.get("format") == "peft":
+                adapters[name] = root / name
+                continue
             comps[name] = import_component(root / name)
             tok_dir = root / name / ("text_tokenizer" if name == "lm" else "")
             if tokenizer is None and name in ("clip", "lm") and (tok_dir / "tokenizer.json").is_file():
                 tokenizer = load_text_tokenizer(tok_dir)
-    if not comps:
+    if not comps and not adapters:
         raise ModelDirError("nothing to import: the export folders hold no components")
-    return save_model_dir(out, comps, tokenizer=tokenizer)
+    refs, base_md = {}, None
+    if adapters:
+        if base is None:
+            raise ModelDirError("peft adapters import over a base model: give it (--base DIR)")
+        base_md = open_model_dir(base)
+        base_md.require(*adapters, purpose="the adapters' base")
+        refs = {n: (c, base_md.path / n) for n, c in base_md.components.items() if n not in comps and n not in adapters}
+        tokenizer = tokenizer or base_md.tokenizer()
+    md = save_model_dir(out, comps, tokenizer=tokenizer, refs=refs)
+    if adapters:
+        meta = read_meta(md.path)
+        for name, folder in adapters.items():
+            cls = base_md.components[name]
+            _write_lora_from_peft(folder, name, follow_refs(base_md.path / name), cls, md.path / name)
+            meta["components"][name] = cls
+        write_meta(md.path, meta)
+        md = open_model_dir(md.path)
+    return md
 
 
 def export_model(model_dir, to: str, out: str | Path, components: list[str] | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from genvl.export import import_model
 
-    md = import_model(args.folders, args.out)
+    md = import_model(args.folders, args.out, base=args.base)
     print(f"genvl: {', '.join(md.components)} from {', '.join(args.folders)} -> {args.out}")
     return 0
 
@@ -46,7 +46,10 @@ def add_parsers(sub) -> None:
     i = sub.add_parser("import", help="a genvl model directory from genvl export folders", formatter_class=Formatter,
                        description="Rebuild a genvl model directory from folders genvl export wrote (diffusers and / or\n"
                        "transformers), taking each component's weights as the folder holds them now, e.g. after\n"
-                       "finetuning them with those libraries.")
+                       "finetuning them with those libraries; peft adapter folders become LoRA components over\n"
+                       "--base.")
     i.add_argument("folders", nargs="+", help="genvl export output folders")
     i.add_argument("--out", required=True, help="the new model directory")
+    i.add_argument("--base", help="peft adapter exports: the model directory they adapt (its other components "
+                   "are referred to, not copied)")
     i.set_defaults(func=cmd_import)

@@ -199,7 +199,7 @@ class CLIP(ConfigModule):
     # genvl's own and is reported as unused there), so ``CLIPModel.from_pretrained(dir / "clip")``
     # loads it right. Folders written with genvl's module names keep loading here. A CLIP whose
     # text tower is an external encoder has no CLIPModel form and keeps genvl's names.
-    _FILE_NAMES = (("vision.vision_model.", "vision_model."), ("vision.visual_projection.", "visual_projection."),
+    FILE_NAMES = (("vision.vision_model.", "vision_model."), ("vision.visual_projection.", "visual_projection."),
                    ("text.text_model.", "text_model."), ("text.text_projection.", "text_projection."))
 
     def library_config(self) -> dict:
@@ -224,10 +224,10 @@ class CLIP(ConfigModule):
     def file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.config.text_encoder is not None:
             return state
-        return {_renamed(k, self._FILE_NAMES): v for k, v in state.items()}
+        return {_renamed(k, self.FILE_NAMES): v for k, v in state.items()}
 
     def module_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        back = tuple((b, a) for a, b in self._FILE_NAMES)
+        back = tuple((b, a) for a, b in self.FILE_NAMES)
         return {_renamed(k, back): v for k, v in state.items()}
 
     @property

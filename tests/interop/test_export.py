@@ -139,6 +139,15 @@ def test_peft_adapter_loads_over_the_exported_decoder(tiny, tmp_path):
         ours = merged.unet(sample, 7, encoder_hidden_states=tokens, class_labels=labels).sample
     assert not torch.allclose(plain, ours, atol=1e-4)  # the adapter does something
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    # and back: the peft folder becomes a LoRA component over the base again
+    from genvl.export import import_model
+
+    back = import_model([tmp_path / "peft"], tmp_path / "back", base=tiny)
+    assert back.component_kind("decoder") == "lora" and back.component_kind("clip") == "ref"
+    for k, v in back.load("decoder").state_dict().items():
+        torch.testing.assert_close(v, merged.state_dict()[k], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ModelDirError, match="--base"):
+        import_model([tmp_path / "peft"], tmp_path / "back2")
 
 
 def test_export_refuses_what_it_cannot_write(tiny, tmp_path):
