@@ -507,11 +507,16 @@ def save_model_dir(
     return ModelDir(path=path, meta=meta)
 
 
-def record_metrics(path: str | Path, kind: str, metrics: dict[str, Any], details: dict[str, Any] | None = None) -> None:
-    """Store evaluation results in ``genvl.json`` and regenerate the model card."""
+def record_metrics(path: str | Path, kind: str, metrics: dict[str, Any], details: dict[str, Any] | None = None,
+                   temperatures: dict[str, float] | None = None) -> None:
+    """Store evaluation results in ``genvl.json`` and regenerate the model card; ``temperatures``:
+    zero-shot softmax temperatures fitted on labelled data, which the classifiers then apply
+    (``genvl.json`` "classify")."""
     path = Path(path)
     meta = read_meta(path)
     meta.setdefault("metrics", {})[kind] = {"values": metrics, **(details or {})}
+    if temperatures:
+        meta.setdefault("classify", {}).setdefault("temperature", {}).update(temperatures)
     write_meta(path, meta)
     write_model_card(path, meta)
 

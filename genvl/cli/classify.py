@@ -50,17 +50,6 @@ def classify_options(args) -> dict:
     return {"samples": args.samples, "schedule": schedule, "seed": args.seed}
 
 
-def _temperature(args, md, method: str) -> float:
-    """--temperature, else the model directory's fitted one (genvl.json "classify"), else the method default."""
-    from genvl.classify import DEFAULT_TEMPERATURES
-    from genvl.classify.base import check_temperature
-
-    if getattr(args, "temperature", None) is not None:
-        return check_temperature(args.temperature)
-    fitted = md.meta.get("classify", {}).get("temperature", {})
-    return float(fitted.get(method, DEFAULT_TEMPERATURES[method]))
-
-
 def cmd_classify(args) -> int:
     from genvl.classify import classify, expand_classes, load_classifier
 

@@ -176,7 +176,9 @@ def _evaluate_zero_shot(args) -> int:
         for m, r in results.items():
             values = {k: r[k] for k in ("accuracy", "ece", "ece_calibrated", "temperature_fitted", "evals_per_image",
                                         "seconds_per_image")}
-            record_metrics(md.path, f"zero-shot {m}", values, {"data": str(args.data), "n": n})
+            # the fitted temperature becomes the one genvl classify applies to this model (over the defaults)
+            record_metrics(md.path, f"zero-shot {m}", values, {"data": str(args.data), "n": n},
+                           temperatures={m: r["temperature_fitted"]})
     return 0
 
 

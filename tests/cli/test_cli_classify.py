@@ -124,6 +124,18 @@ def test_evaluate_zero_shot_all_methods(dirs, tmp_path, capsys):
     meta = json.loads((model / "genvl.json").read_text())
     assert {"zero-shot clip", "zero-shot diffusion", "zero-shot prior", "zero-shot ar"} <= set(meta["metrics"])
     assert "zero-shot ar" in (model / "README.md").read_text()
+    # --record stores each method's fitted temperature; classify applies it, and its probabilities on
+    # the labelled images are graded, not all 0 or 1
+    fitted = {m: r["temperature_fitted"] for m, r in rep["methods"].items()}
+    assert meta["classify"]["temperature"] == fitted
+    cj = tmp_path / "c.json"
+    images = sorted(str(p) for p in dirs["data"].rglob("*.png"))[:4]
+    assert main(["classify", *images, "--model", str(model), "--classes", "blue square,red circle",
+                 "--template", "a {}", "--method", "clip", "--json", str(cj), *FAST]) == 0
+    res = json.loads(cj.read_text())
+    assert res["temperature"] == pytest.approx(fitted["clip"])
+    probs = [p for row in res["results"] for p in row["probs"].values()]
+    assert any(0.01 < p < 0.99 for p in probs), probs
     # --limit keeps classes balanced; one method (into the same file: results are replaced only with --overwrite)
     assert main(["evaluate", "zero-shot", "--model", str(model), "--data", str(dirs["data"]), "--method", "prior",
                  "--limit", "2", "--json", str(out), "--overwrite", *FAST]) == 0
