@@ -13,8 +13,12 @@ process before the first batch; streaming (:class:`genvl.data.streaming.Streamin
 opens only the shards of its own share as it reads them. Goal: on the streaming path start-up and
 memory at 2,000 shards stay within 2x of the 10-shard figures.
 
+A second part trains the prior (on the built-in demo's CLIP, a fresh tiny prior) from a generated
+folder of 64 px images against the same set precomputed by ``genvl data embed``: samples/s of the
+training loop over the same steps, and the one-time cost of embedding. Goal: >= 5x from embeddings.
+
     python benchmarks/data_scale.py                       # table + benchmarks/results/data_scale.json
-    python benchmarks/data_scale.py --shards 10,100 --batches 5
+    python benchmarks/data_scale.py --shards 10,100 --batches 5 --prior-steps 0
 """
 
 from __future__ import annotations
@@ -87,6 +91,41 @@ def child(mode: str, pattern: str, rank: int, world: int, batches: int, batch_si
     return {"startup_s": startup, "rss_mib": rss, "samples_per_s": rate}
 
 
+def prior_speed(work: Path, images: int, steps: int, batch: int) -> list[dict]:
+    """Prior training samples/s from images and from precomputed embeddings (same data, seed, steps)."""
+    from PIL import Image
+
+    from genvl.config import apply_overrides
+    from genvl.data.embeddings import embed_image_text
+    from genvl.training import TrainConfig, train
+    from genvl.training.tasks.prior import PriorTask
+
+    folder = work / "prior-images"
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        for i in range(images):
+            colour = ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)
+            img = Image.new("RGB", (64, 64), "white")
+            img.paste(colour, (8 + i % 16, 8 + i % 24, 40 + i % 20, 44 + i % 16))
+            img.save(folder / f"{i:05d}.png")
+            (folder / f"{i:05d}.txt").write_text(f"a shape of colour {i % 50}")
+    t0 = time.perf_counter()
+    emb = work / "prior-embeddings"
+    embed_image_text("demo", folder, emb, device="cpu", progress=False)
+    embed_s = time.perf_counter() - t0
+    cfg = ["model.fresh=true", f"batch_size={batch}", f"max_steps={steps}", "log_every=1", "save_every=0",
+           "tracker=none", "data.caption_dropout=0.1"]
+    rows = []
+    for source, data in (("images", folder), ("embeddings", emb)):
+        res = train(PriorTask(apply_overrides(TrainConfig(), cfg)), data, work / f"prior-run-{source}", init="demo",
+                    progress=False)
+        seconds = sum(batch / r["samples_per_s"] for r in res.history[1:])  # every step past the first
+        rows.append({"path": f"prior from {source}", "steps": steps, "batch": batch,
+                     "samples_per_s": batch * (len(res.history) - 1) / seconds, "final_loss": res.history[-1]["loss"]})
+    rows[1]["embed_once_s"] = embed_s
+    return rows
+
+
 def measure(mode: str, pattern: str, world: int, batches: int, batch_size: int) -> dict:
     procs = [subprocess.Popen([sys.executable, __file__, "--child", mode, pattern, str(r), str(world), str(batches),
                                str(batch_size)], stdout=subprocess.PIPE, text=True) for r in range(world)]
@@ -101,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--procs", default="1,2", help="process counts, comma-separated")
     ap.add_argument("--batches", type=int, default=20, help="batches timed after the first, per process")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--prior-steps", type=int, default=60, help="prior training steps per path (0: skip that part)")
+    ap.add_argument("--prior-images", type=int, default=2000, help="images of the prior part's generated folder")
     ap.add_argument("--work", default=None, help="where the shards go (default: a temp folder)")
     ap.add_argument("--json", default="benchmarks/results/data_scale.json")
     ap.add_argument("--child", nargs=6, metavar=("MODE", "PATTERN", "RANK", "WORLD", "BATCHES", "BS"),
@@ -136,11 +177,25 @@ def main(argv=None) -> int:
                 ratio = hi[key] / max(lo[key], 1e-9)
                 goals.append({"goal": f"stream {key} {counts[-1]} / {counts[0]} shards, {world} proc",
                               "measured": round(ratio, 2), "target": "<= 2", "met": ratio <= 2})
+    prior_rows = []
+    if args.prior_steps > 0:
+        import shutil
+
+        for d in work.glob("prior-run-*"):
+            shutil.rmtree(d)
+        prior_rows = prior_speed(work, args.prior_images, args.prior_steps, 64)
+        print(f"\n{'path':<26} {'steps':>5} {'samples/s':>10} {'final loss':>10}")
+        for r in prior_rows:
+            print(f"{r['path']:<26} {r['steps']:>5} {r['samples_per_s']:>10.1f} {r['final_loss']:>10.4f}")
+        print(f"(genvl data embed of the {args.prior_images} images, once: {prior_rows[1]['embed_once_s']:.1f} s)")
+        speedup = prior_rows[1]["samples_per_s"] / prior_rows[0]["samples_per_s"]
+        goals.append({"goal": "prior samples/s from embeddings / from images", "measured": round(speedup, 2),
+                      "target": ">= 5", "met": speedup >= 5})
     for g in goals:
         print(f"{g['goal']:<44} {g['measured']:>6} (target {g['target']}) {'met' if g['met'] else 'MISSED'}")
     result = {"benchmark": "data_scale", "device": device_name(torch.device("cpu")), "torch": torch.__version__,
               "samples_per_shard": SAMPLES_PER_SHARD, "config": {k: v for k, v in vars(args).items() if k != "child"},
-              "rows": rows, "goals": goals}
+              "rows": rows, "prior_rows": prior_rows, "goals": goals}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -8,7 +8,6 @@ Layout of ``EMB/`` (safetensors shards, readable without genvl)::
     00000.safetensors         image_embeds (n, D) float32, text_embeds (n, D) float32,
                               text_states (n, L, W) float16, text_mask (n, L) uint8, index (n,) int64
     captions.jsonl            one {"index": i, "caption": ...} per row, in row order
-    uncond.safetensors        the same four tensors for the empty caption (classifier-free dropout)
 
 Shard ``k`` holds dataset rows ``[k * S, (k + 1) * S)``; each is written atomically, so a run that
 stops resumes at the first missing shard. Text states are padded to ``L`` (the CLIP text tower is
@@ -68,7 +67,8 @@ def embed_image_text(model: str | Path, data: str | Path, out: str | Path, batch
     ds = open_image_text(data, image_size=clip.config.image_size, progress=progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": str(md.path), "model_sha256": model_dir_hash(md.path), "data": str(data), "count": len(ds),
+    meta = {"model": str(md.path), "model_sha256": model_dir_hash(md.path), "clip_sha256": clip_weights_hash(md),
+            "data": str(data), "count": len(ds),
             "shard_size": shard_size, "text_len": text_len, "embed_dim": clip.config.embed_dim,
             "captions": "captions.jsonl", "shards": []}
     old = out / EMBEDDINGS_META
@@ -81,8 +81,6 @@ def embed_image_text(model: str | Path, data: str | Path, out: str | Path, batch
     n_shards = -(-len(ds) // shard_size)
     names = [f"{k:05d}.safetensors" for k in range(n_shards)]
     todo = [k for k in range(n_shards) if not (out / names[k]).is_file()]
-    save_file(_encode_texts(clip, tokenizer, [""], text_len, device) | {
-        "image_embeds": torch.zeros(1, clip.config.embed_dim)}, str(out / "uncond.safetensors"))
     bar = tqdm(total=len(ds), desc=f"embedding {data}", unit="img", disable=not progress,
                initial=len(ds) - sum(min(shard_size, len(ds) - k * shard_size) for k in todo))
     for k in todo:
@@ -113,10 +111,21 @@ def is_embedding_set(path: str | Path) -> bool:
     return (Path(path) / EMBEDDINGS_META).is_file()
 
 
+def clip_weights_hash(md) -> str:
+    """sha256 of a model directory's CLIP weights (the file its clip component loads), first 16 hex
+    digits: which CLIP a set of embeddings belongs to."""
+    from genvl.data.tokenized import file_sha256
+
+    return file_sha256(md.lineage("clip")[-1][1] / "model.safetensors")[:16]
+
+
 class EmbeddingSet(Dataset):
     """Rows of a ``genvl data embed`` folder: ``{"image_embeds", "text_embeds", "text_states",
-    "text_mask", "text", "index"}``; with ``caption_dropout`` a row's text fields are the empty
-    caption's, decided as :func:`~genvl.data.datasets.caption_dropped` decides for images."""
+    "text_mask", "text", "index"}``. With ``caption_dropout`` a dropped row's ``text`` is "" (decided
+    as :func:`~genvl.data.datasets.caption_dropped` decides for images) and its stored text fields
+    are left for the consumer to replace by its unconditional input (the prior's: zeros)."""
+
+    format = "embeddings"
 
     def __init__(self, path: str | Path, caption_dropout: float = 0.0, seed: int = 0):
         from safetensors.torch import load_file
@@ -131,7 +140,7 @@ class EmbeddingSet(Dataset):
                             "run genvl data embed again to finish them")
         shards = [load_file(str(path / s)) for s in self.meta["shards"]]
         self.tensors = {f: torch.cat([s[f] for s in shards]) for f in (*_FIELDS, "index")}
-        self.uncond = load_file(str(path / "uncond.safetensors"))
+        self.skipped: list[tuple[str, str]] = []  # bad files were left out when the embeddings were made
         with open(path / self.meta["captions"], encoding="utf-8") as f:
             self.captions = [json.loads(line)["caption"] for line in f]
         self.caption_dropout, self.seed, self.epoch = float(caption_dropout), int(seed), 0
@@ -144,8 +153,5 @@ class EmbeddingSet(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = {f: self.tensors[f][i] for f in _FIELDS}
-        text = self.captions[i]
-        if caption_dropped(self.caption_dropout, self.seed, self.epoch, i):
-            row.update({f: self.uncond[f][0] for f in ("text_embeds", "text_states", "text_mask")})
-            text = ""
+        text = "" if caption_dropped(self.caption_dropout, self.seed, self.epoch, i) else self.captions[i]
         return {**row, "text": text, "index": i}

@@ -262,3 +262,19 @@ def check_lora(task, init_dir, out_dir: Path) -> None:
         raise TrainingError(
             f"the LoRA adapter would refer to {base}, which this run overwrites: choose another --out"
         )
+
+
+def tracker_name(cfg) -> str | None:
+    """The accelerate tracker to log to (``cfg.tracker``): ``auto`` is tensorboard when installed, else
+    none; a named one must be installed (a one-line error says which package)."""
+    import importlib.util
+
+    if cfg.tracker == "none":
+        return None
+    name = "tensorboard" if cfg.tracker == "auto" else cfg.tracker
+    if importlib.util.find_spec(name) is None:
+        if cfg.tracker == "auto":
+            return None
+        raise TrainingError(f"tracker {name!r} asked for but the {name} package is not installed (pip install {name}; "
+                            "or tracker=none)")
+    return name

@@ -49,6 +49,7 @@ from genvl.training.run_dir import (
     plot_loss,
     release_model_dir,
     release_state_dicts,
+    tracker_name,
     restart_log,
     stage_dir,
     write_checkpoint,
@@ -70,6 +71,7 @@ class Task:
 
     # whether ``--data`` may be a tokenized set (genvl data tokenize) instead of images
     accepts_tokenized = False
+    accepts_embeddings = False  # reads a genvl data embed folder (precomputed CLIP embeddings)
     # set by the trainer before build: resuming from a checkpoint, progress bars on, main process,
     # the stage's folder in the run (recipe, log, checkpoints; where a task may keep work it can reuse)
     resuming = False
@@ -212,22 +214,6 @@ def _cosine_lambda(cfg: TrainConfig):
     return f
 
 
-def _tracker(cfg: TrainConfig) -> str | None:
-    """The accelerate tracker to log to (``cfg.tracker``): ``auto`` is tensorboard when installed, else
-    none; a named one must be installed (a one-line error says which package)."""
-    import importlib.util
-
-    if cfg.tracker == "none":
-        return None
-    name = "tensorboard" if cfg.tracker == "auto" else cfg.tracker
-    if importlib.util.find_spec(name) is None:
-        if cfg.tracker == "auto":
-            return None
-        raise TrainingError(f"tracker {name!r} asked for but the {name} package is not installed (pip install {name}; "
-                            "or tracker=none)")
-    return name
-
-
 class _Run:
     """One call of :func:`train`: what it sets up, and one method per step of the loop."""
 
@@ -246,7 +232,7 @@ class _Run:
         from accelerate.utils import set_seed
 
         cfg = self.cfg
-        self.log_with = _tracker(cfg)
+        self.log_with = tracker_name(cfg)
         # accelerate keeps one process-wide state; a second run in the same process (a notebook, the
         # tests) with another precision needs it cleared. The process group (PartialState) stays.
         AcceleratorState._reset_state()
@@ -276,10 +262,15 @@ class _Run:
 
     def open_data(self) -> None:
         from genvl.data import open_image_text
+        from genvl.data.embeddings import EmbeddingSet, is_embedding_set
 
         task, cfg, data_path, show = self.task, self.cfg, self.data_path, self.progress and self.main
         if hasattr(task, "open_dataset"):  # a stage that reads its own data (interleaved documents)
             dataset = task.open_dataset(data_path, progress=show)
+        elif is_embedding_set(data_path):  # CLIP embeddings written by genvl data embed
+            if not task.accepts_embeddings:
+                raise TrainingError(f"{data_path} holds precomputed CLIP embeddings; the {task.stage} stage needs images")
+            dataset = EmbeddingSet(data_path, caption_dropout=cfg.data.caption_dropout, seed=cfg.seed)
         elif str(data_path).endswith(".safetensors"):  # codes written by genvl data tokenize
             if not task.accepts_tokenized:
                 raise TrainingError(

@@ -118,3 +118,26 @@ def test_bad_model_overrides(shapes_dir, clip_dir, tmp_path):
         train(PriorTask(cfg("model.embed_dim=64")), shapes_dir, tmp_path / "a", init=clip_dir, progress=False)
     with pytest.raises(ConfigError, match="bad prior model config"):
         train(PriorTask(cfg("model.depth=3")), shapes_dir, tmp_path / "b", init=clip_dir, progress=False)
+
+
+def test_prior_from_precomputed_embeddings_follows_the_image_run(shapes_dir, clip_dir, tmp_path):
+    """Same seed, same data, caption dropout on: the prior trained from genvl data embed's output logs the
+    loss curve of the one trained from the images (to 1e-3 relative: the stored text states are
+    float16), and refuses embeddings of another CLIP."""
+    from genvl.data.embeddings import embed_image_text
+    from genvl.errors import TrainingError
+
+    emb = tmp_path / "emb"
+    embed_image_text(clip_dir, shapes_dir, emb, batch_size=7, shard_size=10, device="cpu", progress=False)
+    c = ["batch_size=8", "max_steps=12", "log_every=1", "lr=3e-3", "data.caption_dropout=0.3"]
+    a = train(PriorTask(cfg(*c)), shapes_dir, tmp_path / "from_images", init=clip_dir, progress=False)
+    b = train(PriorTask(cfg(*c)), emb, tmp_path / "from_embeddings", init=clip_dir, progress=False)
+    assert [r["step"] for r in a.history] == [r["step"] for r in b.history] and len(a.history) == 12
+    assert [r["loss"] for r in b.history] == pytest.approx([r["loss"] for r in a.history], rel=1e-3)
+    # another CLIP: refused before training
+    other = tmp_path / "other_clip"
+    train(CLIPTask(cfg("max_steps=1", "seed=5")), shapes_dir, other, progress=False)
+    with pytest.raises(ModelDirError, match="not the one the embeddings"):
+        train(PriorTask(cfg(*c)), emb, tmp_path / "x", init=other, progress=False)
+    with pytest.raises(TrainingError, match="precomputed CLIP embeddings; the clip stage needs images"):
+        train(CLIPTask(cfg()), emb, tmp_path / "y", progress=False)

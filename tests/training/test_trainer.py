@@ -349,7 +349,7 @@ def test_trackers_accelerate_supports_and_a_missing_package_fails_in_one_line(mo
 
     from genvl.errors import ConfigError
     from genvl.training.config import TRACKERS
-    from genvl.training.trainer import _tracker
+    from genvl.training.run_dir import tracker_name
 
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
@@ -357,7 +357,7 @@ def test_trackers_accelerate_supports_and_a_missing_package_fails_in_one_line(mo
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "tensorboard") else real(name, *a))
     with pytest.raises(TrainingError, match="tracker 'wandb' asked for but the wandb package is not installed"):
-        _tracker(cfg("tracker=wandb"))
-    assert _tracker(cfg("tracker=auto")) is None and _tracker(cfg("tracker=none")) is None
+        tracker_name(cfg("tracker=wandb"))
+    assert tracker_name(cfg("tracker=auto")) is None and tracker_name(cfg("tracker=none")) is None
     with pytest.raises(ConfigError, match="tracker must be auto, none or one of tensorboard, wandb"):
         cfg("tracker=wandbb").validate()

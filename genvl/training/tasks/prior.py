@@ -44,11 +44,14 @@ def clip_image_stats(
     n = len(dataset)
     k = min(n, max_images)
     idx = torch.linspace(0, n - 1, k).round().long().unique().tolist()
-    chunks = []
-    for start in range(0, len(idx), batch_size):
-        pixels = torch.stack([dataset[i]["pixel_values"] for i in idx[start:start + batch_size]])  # (b, 3, S, S)
-        chunks.append(clip.encode_image(pixels.to(device)).float().cpu())  # (b, D)
-    z = torch.cat(chunks)  # (k, D)
+    if hasattr(dataset, "tensors"):  # precomputed embeddings (genvl data embed): no image to encode
+        z = dataset.tensors["image_embeds"][idx].float()  # (k, D)
+    else:
+        chunks = []
+        for start in range(0, len(idx), batch_size):
+            pixels = torch.stack([dataset[i]["pixel_values"] for i in idx[start:start + batch_size]])  # (b, 3, S, S)
+            chunks.append(clip.encode_image(pixels.to(device)).float().cpu())  # (b, D)
+        z = torch.cat(chunks)  # (k, D)
     mean = z.mean(0)
     std = z.std(0, correction=0)
     std = std.clamp_min(max(0.1 * float(std.mean()), 1e-6))
@@ -64,12 +67,16 @@ class PriorTask(Task):
     kept by dataset index; captions are encoded every step, as their variants change per epoch),
     ``fresh`` (bool: build a new prior even when ``--init`` holds one) and ``restat`` (bool: keep the
     prior of ``--init`` but measure its embedding statistics anew, for a CLIP finetuned since).
+
+    ``--data`` may also be a ``genvl data embed`` folder of the ``--init`` CLIP's embeddings: the
+    stage then reads them instead of encoding images and captions (same batches, same loss).
     """
 
     model_config = PriorConfig
     recipe_keys = {"size": str, "cache_inputs": bool, "fresh": bool, "restat": bool}
     stage = "prior"
     component = "prior"
+    accepts_embeddings = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -91,6 +98,13 @@ class PriorTask(Task):
         fresh = self.fresh = bool(self.cfg.model.get("fresh", False))
         restat = bool(self.cfg.model.get("restat", False))
         self.dataset_size = len(dataset)
+        if hasattr(dataset, "tensors"):
+            from genvl.data.embeddings import clip_weights_hash
+
+            made_with = dataset.meta.get("clip_sha256")
+            if made_with != clip_weights_hash(init):
+                raise ModelDirError(f"{init.path}: its clip is not the one the embeddings in --data were computed with "
+                                    f"({dataset.meta.get('model')}); embed the data again with this model")
         clip = init.load("clip")
         clip.requires_grad_(False)
         self.clip = clip.eval()
@@ -138,12 +152,23 @@ class PriorTask(Task):
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         texts = [it["text"] for it in items]
+        uncond = torch.tensor([not t.strip() for t in texts], dtype=torch.bool)  # (B,) dropped captions
+        if "image_embeds" in items[0]:  # precomputed: the embeddings and the text states, cut to the batch's longest
+            mask = torch.stack([it["text_mask"] for it in items]).long()  # (B, text_len)
+            L = min(self.text_len, max(int(mask.sum(1).max()), 1))
+            return {
+                "image_embeds": torch.stack([it["image_embeds"] for it in items]).float(),  # (B, D)
+                "text_embeds": torch.stack([it["text_embeds"] for it in items]).float(),  # (B, D)
+                "text_states": torch.stack([it["text_states"][:L] for it in items]).float(),  # (B, L, W)
+                "text_mask": mask[:, :L],  # (B, L)
+                "uncond": uncond,
+            }
         enc = encode_texts(self.tokenizer, texts, max_length=self.text_len)
         return {
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, S, S)
             "input_ids": enc["input_ids"],  # (B, L)
             "attention_mask": enc["attention_mask"],  # (B, L)
-            "uncond": torch.tensor([not t.strip() for t in texts], dtype=torch.bool),  # (B,) dropped captions
+            "uncond": uncond,
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),  # (B,) dataset indices
         }
 
@@ -165,11 +190,15 @@ class PriorTask(Task):
     def loss(self, model, batch):
         prior = getattr(model, "module", model)
         with torch.no_grad():
-            z_image = self._image_embeds(batch)  # (B, D) unit vectors
-            text = self.clip.encode_text(batch["input_ids"], batch["attention_mask"])
-            embeds = text.embeds.float()  # (B, D)
-            states = text.token_states.float()  # (B, L, W)
-            mask = text.attention_mask  # (B, L)
+            if "image_embeds" in batch:  # precomputed by genvl data embed
+                z_image, embeds = batch["image_embeds"], batch["text_embeds"]  # (B, D), (B, D)
+                states, mask = batch["text_states"], batch["text_mask"]  # (B, L, W), (B, L)
+            else:
+                z_image = self._image_embeds(batch)  # (B, D) unit vectors
+                text = self.clip.encode_text(batch["input_ids"], batch["attention_mask"])
+                embeds = text.embeds.float()  # (B, D)
+                states = text.token_states.float()  # (B, L, W)
+                mask = text.attention_mask  # (B, L)
             drop = batch["uncond"]  # (B,) bool
             if bool(drop.any()):
                 B, L, W = states.shape
