@@ -56,7 +56,7 @@ _CORE = {"lm": "model.", "prior": "transformer.", "decoder": "unet.", "sr": "une
 
 
 def _clip(model, out: Path, tokenizer) -> dict[str, Any]:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
 
     if model.config.text_encoder is not None:
         raise ModelDirError("clip: its text tower is an external encoder, which a transformers CLIPModel cannot hold")
@@ -66,9 +66,18 @@ def _clip(model, out: Path, tokenizer) -> dict[str, Any]:
     hf.load_state_dict(state)
     hf.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    from transformers.utils import logging as hf_logging
+
     size = model.config.image_size
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                       image_mean=list(model.PIXEL_MEAN), image_std=list(model.PIXEL_STD)).save_pretrained(out)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # without torchvision it notes its PIL fallback, which saves the same file
+    try:
+        from transformers import CLIPImageProcessor
+
+        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                           image_mean=list(model.PIXEL_MEAN), image_std=list(model.PIXEL_STD)).save_pretrained(out)
+    finally:
+        hf_logging.set_verbosity(level)
     return {"class": "transformers.CLIPModel",
             "inputs": "pixel_values normalised by the saved CLIPImageProcessor; input_ids from the saved tokenizer",
             "note": "genvl's embeddings are get_image_features / get_text_features scaled to unit length"}
@@ -351,7 +360,15 @@ def export_model(model_dir, to: str, out: str | Path, components: list[str] | No
         if not components:
             raise ModelDirError(f"{model_dir.path}: holds no component that --to {to} takes "
                                 f"({', '.join(EXPORT_FORMATS[to])}{'; LoRA adapters only' if to == 'peft' else ''})")
-    entries = {name: export_component(model_dir, name, to, out / name) for name in components}
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "writing shards" bar per tiny file says nothing
+    try:
+        entries = {name: export_component(model_dir, name, to, out / name) for name in components}
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     record = {"format": to, "source": str(model_dir.path), "components": entries}
     (out / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
