@@ -377,6 +377,8 @@ class InterleavedLM(ConfigModule):
         self.visual_in = nn.Linear(c.slot_dim, c.hidden_size)  # slot values -> added to <v_j>'s embedding
         self.visual_out = nn.Linear(c.hidden_size, c.slot_dim)  # regression head: hidden state -> next slot
         self._kwargs = set(inspect.signature(self.model.model.forward).parameters)
+        # transformers 5 names the cache argument and output ``cache`` (``past_key_values`` warns there); 4.x the latter
+        self._cache_key = "cache" if "cache" in self._kwargs else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -461,9 +463,9 @@ class InterleavedLM(ConfigModule):
         """
         emb = self.embed(input_ids, visual)  # (B, L, H)
         out = self.model.model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                               use_cache=use_cache, **{self._cache_key: past_key_values}, **kwargs)
         h = out.last_hidden_state  # (B, L, H)
         if last_only:
             h = h[:, -1:]
         return InterleavedOutput(logits=self.model.lm_head(h), regression=self.visual_out(h),
-                                 past_key_values=out.past_key_values if use_cache else None)
+                                 past_key_values=getattr(out, self._cache_key) if use_cache else None)

@@ -368,6 +368,8 @@ class TokenLM(ConfigModule):
         self.layout = c.layout
         self.model = build_llama(c)
         self._kwargs = set(inspect.signature(self.model.forward).parameters)
+        # transformers 5 names the cache argument ``cache`` (``past_key_values`` warns there); 4.x the latter
+        self._cache_key = "cache" if "cache" in self._kwargs else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -412,5 +414,5 @@ class TokenLM(ConfigModule):
             kwargs[key] = 1
         return self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, **kwargs,
+            use_cache=use_cache, **{self._cache_key: past_key_values}, **kwargs,
         )
