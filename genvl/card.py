@@ -75,8 +75,8 @@ def write_card(path: str | Path, meta: dict) -> None:
     lines += [f"- `{meta.get('tokenizer', TOKENIZER_DIR)}/` (text tokenizer)", ""]
     for name, rec in meta.get("training", {}).items():
         lines += [f"## Training: {name}", ""]
-        for key in ("init", "data", "pairs", "skipped", "steps", "batch_size", "samples_seen", "time", "hardware",
-                    "final_loss", "note"):
+        for key in ("init", "data", "pairs", "streamed_shards", "skipped", "steps", "batch_size", "samples_seen", "time",
+                    "hardware", "final_loss", "note"):
             if key in rec:
                 lines.append(f"- {key.replace('_', ' ')}: {_fmt(rec[key])}")
         if rec.get("command"):

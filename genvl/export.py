@@ -297,10 +297,19 @@ def _write_lora_from_peft(folder: Path, name: str, base_folder: Path, cls: str, 
     save_file(state, str(out / LORA_WEIGHTS), metadata={"format": "pt"})
 
 
+def _is_transformers_clip(folder: Path) -> bool:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return cfg.get("model_type") == "clip" or "CLIPModel" in (cfg.get("architectures") or [])
+
+
 def import_model(folders: list[str | Path], out: str | Path, base: str | Path | None = None):
     """A genvl model directory at ``out`` from ``genvl export`` outputs: diffusers and transformers
     folders give components as the folder holds them now (the tokenizer from the exported clip or
-    lm); peft adapter folders give LoRA components over the same components of ``base`` (a model
+    lm); a transformers ``CLIPModel`` folder from anywhere gives the clip component (and its
+    tokenizer, when the folder holds one); peft adapter folders give LoRA components over the same components of ``base`` (a model
     directory), whose other components are referred to."""
     from genvl.checkpoint import follow_refs, open_model_dir, read_meta, save_model_dir, write_meta
     from genvl.tokenizers.text import load_text_tokenizer
@@ -309,7 +318,15 @@ def import_model(folders: list[str | Path], out: str | Path, base: str | Path | 
     for root in map(Path, folders):
         record = root / "export.json"
         if not record.is_file():
-            raise ModelDirError(f"{root}: no export.json (not a genvl export folder)")
+            if _is_transformers_clip(root):  # a CLIPModel folder from elsewhere (openai/clip-vit-*, open_clip's HF ports)
+                from genvl.models.clip import CLIP
+
+                comps["clip"] = CLIP.from_hf_clip(root)
+                if tokenizer is None and ((root / "tokenizer.json").is_file() or (root / "vocab.json").is_file()):
+                    tokenizer = load_text_tokenizer(root)
+                continue
+            raise ModelDirError(f"{root}: neither a genvl export folder (no export.json) nor a transformers "
+                                "CLIPModel folder; diffusers and peft folders import when genvl export wrote them")
         fmt = json.loads(record.read_text())
         for name in fmt.get("components", {}):
             if fmt.get("format") == "peft":

@@ -89,7 +89,8 @@ def cmd_info(args) -> int:
     tok = md.path / md.meta.get("tokenizer", "tokenizer")
     print(f"  tokenizer    {'present' if tok.is_dir() else 'missing'}")
     for name, rec in md.meta.get("training", {}).items():
-        print(f"training {name}: {rec.get('steps')} steps on {rec.get('data')} ({rec.get('pairs')} pairs), "
+        size = f"{rec['pairs']} pairs" if "pairs" in rec else f"streamed from {rec.get('streamed_shards')} shards"
+        print(f"training {name}: {rec.get('steps')} steps on {rec.get('data')} ({size}), "
               f"{rec.get('time')}, {rec.get('hardware')}")
     for kind, rec in md.meta.get("metrics", {}).items():
         vals = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.get("values", {}).items())

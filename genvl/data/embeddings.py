@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from genvl.data.datasets import caption_dropped, open_image_text
 from genvl.errors import DataError
 
-__all__ = ["EMBEDDINGS_META", "embed_image_text", "EmbeddingSet"]
+__all__ = ["EMBEDDINGS_META", "embed_image_text", "EmbeddingSet", "image_embeddings_for"]
 
 EMBEDDINGS_META = "embeddings.json"
 _FIELDS = ("image_embeds", "text_embeds", "text_states", "text_mask")
@@ -155,3 +155,20 @@ class EmbeddingSet(Dataset):
         row = {f: self.tensors[f][i] for f in _FIELDS}
         text = "" if caption_dropped(self.caption_dropout, self.seed, self.epoch, i) else self.captions[i]
         return {**row, "text": text, "index": i}
+
+
+def image_embeddings_for(path: str | Path, dataset, clip_hash: str) -> torch.Tensor:
+    """(N, D) float32 CLIP image embeddings of ``dataset``'s N rows, by dataset index, read from a
+    ``genvl data embed`` folder made from the same data with the CLIP whose weights hash to
+    ``clip_hash`` (:func:`clip_weights_hash`); anything else is refused with the reason."""
+    es = EmbeddingSet(path)
+    if es.meta.get("clip_sha256") != clip_hash:
+        raise DataError(f"{path}: embeddings of another CLIP ({es.meta.get('model')}); embed the data again "
+                        "with the --init model (genvl data embed DATA --model DIR --out EMB)")
+    n = len(dataset)
+    if len(es) != n or es.captions != list(dataset.captions):
+        raise DataError(f"{path}: embeddings of another set ({es.meta.get('data')}: {len(es)} pairs) than this "
+                        f"run's data ({n} pairs); embed this data")
+    table = torch.zeros(n, es.tensors["image_embeds"].shape[1])
+    table[es.tensors["index"]] = es.tensors["image_embeds"].float()
+    return table

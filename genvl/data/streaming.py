@@ -50,7 +50,8 @@ from genvl.data.images import BadImageError, load_rgb, resize_center_crop, to_te
 from genvl.data.sources import caption_problem, expand_braces
 from genvl.errors import DataError
 
-__all__ = ["StreamingImageText", "StreamPosition", "collate_stream", "expand_shards", "open_shard"]
+__all__ = ["ProbeSet", "StreamCollate", "StreamingImageText", "StreamPosition", "collate_stream", "expand_shards",
+           "is_remote", "open_shard"]
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 
@@ -68,6 +69,13 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     if not out:
         raise DataError(f"no .tar shards in {spec}")
     return out
+
+
+def is_remote(spec: str | Sequence[str]) -> bool:
+    """Whether ``spec`` names shards behind a URL (``http(s)://``, ``s3://``...), which only the
+    streaming path can read."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    return any("://" in s and not s.startswith("file://") for s in map(str, specs))
 
 
 def open_shard(url: str):
@@ -161,6 +169,19 @@ class StreamPosition:
             return None
         return self.partial.get(epoch, {}).get(shard, -1) + 1
 
+    def first_open_epoch(self, shards: Sequence[str]) -> int:
+        """The first epoch in which some of ``shards`` is not finished. Earlier epochs are dropped
+        from the state, so it stays as small as one epoch's shards however long the run."""
+        every = set(shards)
+        epoch = 0
+        while every <= self.done.get(epoch, set()):
+            epoch += 1
+        for e in [e for e in self.done if e < epoch]:
+            del self.done[e]
+        for e in [e for e in self.partial if e < epoch]:
+            del self.partial[e]
+        return epoch
+
     @classmethod
     def merge(cls, states: Sequence["StreamPosition"]) -> "StreamPosition":
         """The union of several processes' positions (for a resume with any number of processes)."""
@@ -240,9 +261,15 @@ class StreamingImageText(IterableDataset):
         skipped: list[tuple[str, str]] = []
         epoch = self.start_epoch
         while self.epochs is None or epoch < self.start_epoch + self.epochs:
-            for shard in self.my_shards(epoch, worker, num_workers):
+            mine = self.my_shards(epoch, worker, num_workers)
+            if not mine:
+                raise DataError(f"process {self.rank} (worker {worker}) has no shard: {len(self.shards)} shard(s) for "
+                                f"{self.world_size} process(es) x {num_workers} worker(s); make more, smaller shards")
+            readable = False  # an endless stream of shards that never give a sample would hang the caller
+            for shard in mine:
                 start = self.position.skip_to(epoch, shard)
                 if start is None:
+                    readable = True
                     continue
                 pending = None  # one sample of lookahead marks a shard's last one
                 for offset, (key, files, problem) in enumerate(_samples(shard)):
@@ -250,17 +277,56 @@ class StreamingImageText(IterableDataset):
                         continue
                     item, reason = (None, problem) if files is None else self._decode(files, epoch, shard, offset)
                     if item is None:
-                        skipped.append((f"{shard}:{key}", reason))
+                        skipped.append((f"{shard}:{key}" if files is not None else key, reason))
                         continue
                     if pending is not None:
                         pending["skipped"], skipped = skipped, []
                         yield pending
-                    pending = item
+                    pending, readable = item, True
                 if pending is not None:
                     pending["last"] = True
                     pending["skipped"], skipped = skipped, []
                     yield pending
+                elif start > 0:
+                    readable = True  # resumed after the shard's last good sample
+            if not readable:
+                raise DataError(f"no readable image-caption sample in the shards of process {self.rank} "
+                                f"(worker {worker}) in epoch {epoch}: {skipped[:3]}")
             epoch += 1
+
+    def probe(self, max_items: int) -> "ProbeSet":
+        """The first ``max_items`` good samples in the shards' given order (the same on every
+        process), as a small map-style set: what a stage needs before training starts (captions for
+        a new tokenizer, images for embedding statistics, fixed preview images). Reads only as many
+        shards as that takes."""
+        items: list[tuple[bytes, str, str]] = []
+        skipped: list[tuple[str, str]] = []
+        for shard in self.shards:
+            for key, files, problem in _samples(shard):
+                if files is not None:
+                    text, problem = _caption(files)
+                    ext = next((e for e in _IMAGE_EXTS if e in files), None)
+                    if text is not None and ext is None:
+                        problem = "no image (.jpg/.png/.webp)"
+                    if text is not None and ext is not None:
+                        try:
+                            load_rgb(files[ext], draft_size=self.image_size)
+                        except BadImageError as e:
+                            skipped.append((f"{shard}:{key}", e.reason))
+                            continue
+                        items.append((files[ext], text, f"{shard}:{key}"))
+                        if len(items) >= max_items:
+                            return self._probe_set(items, skipped)
+                        continue
+                skipped.append((f"{shard}:{key}" if files is not None else key, problem))
+        if not items:
+            raise DataError(f"no readable image-caption sample in {len(self.shards)} shard(s) starting {self.shards[0]}")
+        return self._probe_set(items, skipped)
+
+    def _probe_set(self, items, skipped) -> "ProbeSet":
+        out = ProbeSet(items, self.image_size, skipped)
+        out.num_shards = len(self.shards)
+        return out
 
     def _decode(self, files: dict[str, bytes], epoch: int, shard: str, offset: int):
         text, problem = _caption(files)
@@ -278,6 +344,48 @@ class StreamingImageText(IterableDataset):
             text = ""
         return {"pixel_values": to_tensor(resize_center_crop(img, self.image_size)), "text": text,
                 "epoch": epoch, "shard": shard, "offset": offset, "last": False}, None
+
+
+class ProbeSet:
+    """The first samples of a stream as a map-style set (:meth:`StreamingImageText.probe`): images
+    kept encoded and decoded on access. Items: ``{"pixel_values", "text", "index"}``."""
+
+    format = "stream"
+
+    def __init__(self, items: list[tuple[bytes, str, str]], image_size: int, skipped: list[tuple[str, str]]):
+        self._items, self.image_size, self.skipped = items, image_size, skipped
+        self.num_shards = 0  # of the whole stream (set by StreamingImageText.probe)
+        self.captions = [text for _, text, _ in items]
+        self.keys = [key for _, _, key in items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        raw, text, key = self._items[index]
+        try:
+            img = load_rgb(raw, draft_size=self.image_size)
+        except BadImageError as e:
+            raise DataError(f"{key}: {e.reason}") from None
+        return {"pixel_values": to_tensor(resize_center_crop(img, self.image_size)), "text": text, "index": index}
+
+
+class StreamCollate:
+    """A stage's collate for stream items: its batch, plus ``"stream"``: the items' positions and
+    the samples skipped before them (:func:`collate_stream` without the pixels), which the trainer
+    folds into its :class:`StreamPosition` when it consumes the batch."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(items)
+        batch["stream"] = {
+            "epoch": [it["epoch"] for it in items], "shard": [it["shard"] for it in items],
+            "offset": [it["offset"] for it in items], "last": [it["last"] for it in items],
+            "skipped": [s for it in items for s in it["skipped"]],
+        }
+        return batch
 
 
 def collate_stream(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """Metrics of generated images, all computed in a CLIP embedding space.
 
 - CLIP score (Hessel et al. 2021, arXiv:2104.08718; the torchmetrics convention):
-  ``100 * mean(max(cos(z_image, z_text), 0))``.
+  ``100 * mean(max(cos(z_image, z_text), 0))``, on embeddings genvl already has. torchmetrics'
+  ``CLIPScore`` computes the same formula but embeds the images itself through a transformers model
+  and processor (a callable must supply a local one), and in torchmetrics 1.9 it fails on
+  transformers 5's ``get_image_features`` output, so genvl keeps this one line of its own.
 - Frechet distance between two sets of CLIP image embeddings (the FID formula of Heusel et al.
   2017, arXiv:1706.08500, on CLIP features instead of Inception features). The evaluation computes
   it with ``torchmetrics.image.fid.FrechetInceptionDistance`` over :class:`ClipImageFeatures`;

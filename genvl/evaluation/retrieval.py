@@ -5,9 +5,12 @@ Pair i is the correct match of row i in both directions. Pairs whose captions ar
 counts against row i (a set with repeated captions, such as emoji in two styles, scores R@1 = 100
 for a perfect embedding rather than being charged for the duplicates).
 
-Rank rule (never rewards ties): the rank of the true match is the number of candidates outside
-its group whose cosine similarity is greater than OR EQUAL to the true one,
-``rank_i = #{j : g_j != g_i, s_ij >= s_ii}``; a query is a hit at K when ``rank_i < K``. A model that
+Rank rule (never rewards ties): the rank of a query is the number of candidates outside its group
+whose cosine similarity is greater than OR EQUAL to that of its best correct match,
+``rank_i = #{j : g_j != g_i, s_ij >= max_{g_k = g_i} s_ik}``; a query is a hit at K when ``rank_i < K``.
+Where no scores tie this is torchmetrics' ``RetrievalHitRate`` with the group as the relevant
+targets (a test compares them); genvl keeps its own code for the tie rule, as a sort breaks ties
+in whatever order it happens to. A model that
 maps everything to one vector therefore scores 0 (not 100) at every K < N.
 """
 
@@ -33,9 +36,10 @@ def chance_recall(n: int, k: int) -> float:
 
 
 def _ranks(sim: Tensor, groups: Tensor) -> Tensor:
-    """(N, N) similarities with the truth on the diagonal, (N,) group ids -> (N,) pessimistic 0-based ranks."""
-    true = sim.diagonal().unsqueeze(1)  # (N, 1)
+    """(N, N) similarities with the truth on the diagonal, (N,) group ids -> (N,) pessimistic 0-based
+    ranks of each row's best correct match (any member of its group)."""
     others = groups[:, None] != groups[None, :]  # (N, N) candidates that are wrong for the row
+    true = sim.masked_fill(others, float("-inf")).amax(dim=1, keepdim=True)  # (N, 1) best correct score
     return ((sim >= true) & others).sum(dim=1)  # (N,) ties count against the model
 
 

@@ -23,6 +23,10 @@ class DataConfig:
     # the per-epoch draws of the tasks live in the workers' copies).
     prefetch_factor: int = 2
     validate: bool = True  # check every image header before training
+    # Stream webdataset shards (each process reads only its own share, resumes exactly) instead of
+    # indexing every sample up front. URLs (http(s)://, s3://...) always stream. Stages: clip, prior, vqvae, sr.
+    streaming: bool = False
+    probe_samples: int = 2000  # streaming: samples read ahead for set-up (a new tokenizer, embedding statistics)
 
 
 @dataclass
@@ -97,6 +101,7 @@ class TrainConfig:
             (self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must be >= 0"),
             (all(isinstance(t, str) for t in self.lora_targets), "lora_targets must be a list of module names"),
             (self.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
+            (self.data.probe_samples >= 1, "data.probe_samples must be >= 1"),
             (all(isinstance(v, bool) for v in (self.compile, self.gradient_checkpointing, self.channels_last)),
              "compile, gradient_checkpointing and channels_last must be true or false"),
             (self.attention in ("sdpa", "xformers"), "attention must be sdpa or xformers"),

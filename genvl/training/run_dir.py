@@ -232,7 +232,9 @@ def release_model_dir(task, model, state_dicts, out_dir, init_dir, cfg, state, d
                 meta["sampling"] = dict(base["sampling"])
             write_meta(out_dir, meta)
     record = {
-        "data": str(data_path), "pairs": len(dataset), "skipped": len(dataset.skipped), "steps": state["step"],
+        "data": str(data_path), "steps": state["step"],
+        **({"pairs": len(dataset), "skipped": len(dataset.skipped)} if getattr(dataset, "format", "") != "stream"
+           else {"streamed_shards": dataset.num_shards}),
         "batch_size": f"{cfg.batch_size} x {cfg.grad_accum} accumulation",
         "samples_seen": state["samples_seen"], "time": f"{state['seconds']:.0f} s", "hardware": hardware_name(),
         "final_loss": last_loss, "command": command or "", "recipe": yaml.safe_dump(to_dict(cfg), sort_keys=False),

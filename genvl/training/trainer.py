@@ -40,6 +40,7 @@ from genvl.config import save_config, to_dict
 from genvl.errors import TrainingError
 from genvl.training.budget import BudgetClock
 from genvl.training.config import TrainConfig
+from genvl.training.phases import Phase, run_phase
 from genvl.training.run_dir import (
     CHECKPOINTS,
     check_lora,
@@ -72,6 +73,7 @@ class Task:
     # whether ``--data`` may be a tokenized set (genvl data tokenize) instead of images
     accepts_tokenized = False
     accepts_embeddings = False  # reads a genvl data embed folder (precomputed CLIP embeddings)
+    streams = False  # can train from streamed shards (its batches never refer to samples by index)
     # set by the trainer before build: resuming from a checkpoint, progress bars on, main process,
     # the stage's folder in the run (recipe, log, checkpoints; where a task may keep work it can reuse)
     resuming = False
@@ -121,51 +123,6 @@ class Task:
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-@dataclass
-class Phase:
-    """A short fit of one module before the main loop: ``module``'s parameters alone, by AdamW
-    (``lr``, no weight decay) on a cosine schedule over ``steps``, on batches of ``batch_size`` rows
-    drawn at random (seeded) from ``data``, tensors with one row per example. Every process runs it
-    alike (same seed, same rows), so no gradient is exchanged and it is not checkpointed: a resumed
-    run starts from the weights the phase left in its checkpoint.
-
-    Attributes:
-        name: shown on the progress bar.
-        loss: ``loss(module, *rows) -> scalar``.
-        done: called after the last step (the task measures and reports what the phase achieved).
-    """
-
-    name: str
-    module: nn.Module
-    data: tuple[torch.Tensor, ...]
-    loss: Callable[..., torch.Tensor]
-    steps: int
-    lr: float = 1e-3
-    batch_size: int = 256
-    done: Callable[[], None] | None = None
-
-
-@torch.enable_grad()
-def run_phase(phase: Phase, seed: int, progress: bool = False) -> None:
-    """Fit ``phase.module`` as :class:`Phase` says."""
-    from tqdm.auto import tqdm
-
-    params = [p for p in phase.module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=phase.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / phase.steps)))
-    gen = torch.Generator().manual_seed(seed)
-    n = len(phase.data[0])
-    for _ in tqdm(range(phase.steps), desc=phase.name, disable=not progress, leave=False):
-        rows = torch.randint(0, n, (min(phase.batch_size, n),), generator=gen)
-        loss = phase.loss(phase.module, *(t[rows] for t in phase.data))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    if phase.done is not None:
-        phase.done()
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -224,6 +181,7 @@ class _Run:
         self.history: list[dict] = []
         self.last_loss = float("nan")
         self.stopped_early = False
+        self.feed = None  # a StreamFeed when the data is streamed
 
     # ---------------------------------------------------------------------------------- set-up
     def open_accelerator(self) -> None:
@@ -263,10 +221,13 @@ class _Run:
     def open_data(self) -> None:
         from genvl.data import open_image_text
         from genvl.data.embeddings import EmbeddingSet, is_embedding_set
+        from genvl.data.streaming import is_remote
 
         task, cfg, data_path, show = self.task, self.cfg, self.data_path, self.progress and self.main
         if hasattr(task, "open_dataset"):  # a stage that reads its own data (interleaved documents)
             dataset = task.open_dataset(data_path, progress=show)
+        elif cfg.data.streaming or is_remote(str(data_path)):
+            return self.open_stream()
         elif is_embedding_set(data_path):  # CLIP embeddings written by genvl data embed
             if not task.accepts_embeddings:
                 raise TrainingError(f"{data_path} holds precomputed CLIP embeddings; the {task.stage} stage needs images")
@@ -293,6 +254,18 @@ class _Run:
             if skipped > 10:
                 print(f"  ... and {skipped - 10} more (genvl data check {data_path} lists all)")
         self.dataset = dataset
+
+    def open_stream(self) -> None:
+        from genvl.training.streams import StreamFeed
+
+        task = self.task
+        if not task.streams:
+            raise TrainingError(f"the {task.stage} stage cannot stream its data (it keeps per-sample state by "
+                                "index); the clip, prior, vqvae and sr stages stream; give this one a local set")
+        self.feed = StreamFeed(self.data_path, self.cfg, self.accelerator.process_index, self.accelerator.num_processes)
+        self.dataset = self.feed.probe  # what build reads: the first samples, the same on every process
+        if self.main:
+            print(f"genvl: {self.feed.describe()} from {self.data_path}")
 
     def build(self, init, ckpt: Path | None) -> None:
         """The task's model (with its first phase fitted on a fresh run), LoRA and speed options."""
@@ -329,17 +302,20 @@ class _Run:
         """Data loader, optimizer, schedule and EMA over the trained module, wrapped by accelerate."""
         task, cfg, accelerator, dataset = self.task, self.cfg, self.accelerator, self.dataset
         self.world = world = accelerator.num_processes
-        if len(dataset) < cfg.batch_size * world:
+        if self.feed is None and len(dataset) < cfg.batch_size * world:
             raise TrainingError(
                 f"{self.data_path}: {len(dataset)} pairs is fewer than one global batch "
                 f"({cfg.batch_size} x {world} processes); lower batch_size"
             )
-        self.sampler = EpochShuffleSampler(len(dataset), cfg.seed)
-        loader = DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=task.collate, drop_last=True,
-            num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-            prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers > 0 else None,
-        )
+        if self.feed is not None:  # the stream shards by process itself: accelerate gets no loader
+            loader = self.feed.loader(task.collate)
+        else:
+            self.sampler = EpochShuffleSampler(len(dataset), cfg.seed)
+            loader = DataLoader(
+                dataset, batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=task.collate, drop_last=True,
+                num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+                prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers > 0 else None,
+            )
         trained = task.trainable(self.model)
         if trained is not self.model:
             self.model.to(accelerator.device)  # the frozen rest: the loss and the samples run it there
@@ -350,7 +326,11 @@ class _Run:
             fused=accelerator.device.type in ("cuda", "cpu") or None,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(cfg))
-        prepared, self.optimizer, self.loader, self.scheduler = accelerator.prepare(trained, optimizer, loader, scheduler)
+        if self.feed is not None:
+            prepared, self.optimizer, self.scheduler = accelerator.prepare(trained, optimizer, scheduler)
+            self.loader = loader
+        else:
+            prepared, self.optimizer, self.loader, self.scheduler = accelerator.prepare(trained, optimizer, loader, scheduler)
         if trained is self.model:
             self.model = accelerator.unwrap_model(prepared)
         self.prepared = prepared
@@ -370,6 +350,8 @@ class _Run:
         if ckpt is None:
             return
         state.update(load_resume_state(self.accelerator, ckpt))
+        if self.feed is not None:
+            self.feed.resume(state)
         if state.get("max_steps"):  # the steps a budget fitted before the interruption
             cfg.max_steps = int(state["max_steps"])
         if ema is not None:
@@ -397,6 +379,8 @@ class _Run:
             self.history = restart_log(self.log_path, self.state["step"])
 
     def save_checkpoint(self) -> Path:
+        if self.feed is not None:
+            self.state["stream"] = self.feed.checkpoint_state(self.accelerator)
         return write_checkpoint(self.accelerator, self.run_dir, self.state, self.ema, self.task.tokenizer,
                                 self.cfg.keep_checkpoints)
 
@@ -424,7 +408,7 @@ class _Run:
                     break
             if self.stopped_early or self.budget.out_of_time:
                 break
-            if state["step"] < cfg.max_steps and state["batch_in_epoch"] >= len(self.loader):
+            if self.feed is None and state["step"] < cfg.max_steps and state["batch_in_epoch"] >= len(self.loader):
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
         self.bar.close()
@@ -432,6 +416,8 @@ class _Run:
 
     def _epoch_loader(self):
         state, dataset = self.state, self.dataset
+        if self.feed is not None:  # endless: the loop ends at max_steps
+            return self.feed.batches(self.loader, self.accelerator.device)
         self.sampler.use_epoch(state["epoch"])
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(state["epoch"])
@@ -446,6 +432,8 @@ class _Run:
         """Loss, backward and (at the last micro-batch) the optimizer step; None when the batch was
         skipped for a non-finite loss or gradient."""
         cfg, accelerator, optimizer = self.cfg, self.accelerator, self.optimizer
+        if self.feed is not None:
+            batch = self.feed.consume(batch, self.state)
         if self.nhwc:
             batch = channels_last_batch(batch)
         with accelerator.accumulate(self.prepared):
@@ -520,6 +508,12 @@ class _Run:
             **{k: float(v) for k, v in extra.items()},
         }
         self.t_log, self.samples_at_log = now, state["samples_seen"]
+        if self.feed is not None:
+            row["skipped_samples"] = total = self.feed.skipped_over_processes(self.accelerator)
+            if total > self.feed.skipped_total and self.main:
+                print(f"genvl: {total} bad sample(s) skipped so far over all processes"
+                      + (f" (here: {self.feed.skipped[-1][0]}: {self.feed.skipped[-1][1]})" if self.feed.skipped else ""))
+            self.feed.skipped_total = total
         if self.main:
             self.history.append(row)
             with self.log_path.open("a") as f:
@@ -545,7 +539,8 @@ class _Run:
             accelerator.end_training()
         return TrainResult(
             out_dir=self.out_dir, step=state["step"], final_loss=self.last_loss, seconds=state["seconds"],
-            samples_seen=state["samples_seen"], skipped_files=len(self.dataset.skipped),
+            samples_seen=state["samples_seen"],
+            skipped_files=len(self.feed.skipped) if self.feed is not None else len(self.dataset.skipped),
             stopped_early=self.stopped_early, history=self.history, model=self.model,
         )
 

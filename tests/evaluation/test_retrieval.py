@@ -111,3 +111,26 @@ def test_duplicate_captions_are_one_group():
     assert retrieval_metrics(img, txt, ks=(1,), captions=captions)["image_to_text_R@1"] == 75.0
     with pytest.raises(ValueError, match="one entry per pair"):
         retrieval_metrics(img, txt, captions=captions[:3])
+
+
+def test_recall_matches_torchmetrics_hit_rate_without_ties():
+    """genvl's R@K is torchmetrics' RetrievalHitRate where no scores tie (continuous random
+    embeddings), with repeated captions as several relevant targets; genvl keeps its own code for
+    the pessimistic tie rule that torchmetrics does not have (its sort breaks ties arbitrarily)."""
+    torchmetrics = pytest.importorskip("torchmetrics")
+    from torchmetrics.retrieval import RetrievalHitRate
+
+    g = torch.Generator().manual_seed(3)
+    n = 24
+    img, txt = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    txt[:12] += 2 * img[:12]  # some signal, so the recalls are not all near chance
+    captions = [f"c{i % 18}" for i in range(n)]  # rows 18..23 repeat the captions of rows 0..5
+    ours = retrieval_metrics(img, txt, ks=(1, 5), captions=captions)
+    sim = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    same = torch.tensor([[a == b for b in captions] for a in captions])
+    for k in (1, 5):
+        for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
+            metric = RetrievalHitRate(top_k=k)
+            theirs = metric(s.flatten(), same.flatten(), indexes=torch.arange(n).repeat_interleave(n))
+            assert ours[f"{name}_R@{k}"] == pytest.approx(100 * float(theirs), abs=1e-4), (name, k)
+    del torchmetrics

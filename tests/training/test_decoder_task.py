@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import draw_shape
+from conftest import draw_shape, write_shapes_folder
 from genvl.checkpoint import open_model_dir
 from genvl.config import apply_overrides
 from genvl.data import open_image_text
@@ -461,3 +461,24 @@ def test_coarse_refit_with_heads_fits_a_mixture_layout_path(shapes_dir, clip_dir
         DecoderTask(cfg("model.coarse_heads=2")).build(None, open_model_dir(tmp_path / "mix"))
     with pytest.raises(ConfigError, match="coarse_heads must be >= 1"):
         DecoderTask(cfg("model.coarse_refit=true", "model.coarse_heads=0")).build(None, open_model_dir(first))
+
+
+def test_decoder_reads_cached_image_embeddings_beside_the_images(shapes_dir, clip_dir, tmp_path):
+    """model.image_embeds: the CLIP image embeddings come from genvl data embed's folder; same seed
+    and data, the loss curve is the encoding run's (the CLIP's image size is the data's here, so the
+    embeddings are the same numbers); embeddings of another set are refused."""
+    from genvl.data.embeddings import embed_image_text
+    from genvl.errors import DataError
+
+    emb = tmp_path / "emb"
+    embed_image_text(clip_dir, shapes_dir, emb, batch_size=8, device="cpu", progress=False)
+    c = ["max_steps=4", "log_every=1", "model.coarse_size=4", "model.coarse_fit_steps=3"]
+    a = train(DecoderTask(cfg(*c)), shapes_dir, tmp_path / "encoded", init=clip_dir, progress=False)
+    task = DecoderTask(cfg(*c, f"model.image_embeds={emb}"))
+    b = train(task, shapes_dir, tmp_path / "read", init=clip_dir, progress=False)
+    assert task.z_table is not None and task.z_table.shape[0] == len(open_image_text(shapes_dir))
+    assert [r["loss"] for r in b.history] == pytest.approx([r["loss"] for r in a.history], rel=1e-4)
+    # a set of other images: refused, naming the embeddings' own data
+    sub = write_shapes_folder(tmp_path / "more", n_per_pair=2)
+    with pytest.raises(DataError, match="embeddings of another set"):
+        train(DecoderTask(cfg(*c, f"model.image_embeds={emb}")), sub, tmp_path / "x", init=clip_dir, progress=False)

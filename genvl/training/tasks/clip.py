@@ -27,6 +27,7 @@ class CLIPTask(Task):
     recipe_keys = {"size": str, "from_hf": str, "text_encoder": typing.Union[str, dict]}
     stage = "clip"
     component = "clip"
+    streams = True
 
     def build(self, dataset, init, tokenizer=None) -> CLIP:
         if init is not None:

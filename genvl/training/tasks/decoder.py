@@ -44,7 +44,8 @@ from genvl.training.previews import SAMPLE_STEPS, fixed_items, save_grid
 from genvl.training.tasks.conditioning import cond_dropped, draw_prior_samples, mix_prior_samples, prior_settings
 from genvl.training.recipes import take_options
 from genvl.training.tasks.diffusion import SNR_GAMMA, check_weighting, diffusion_loss
-from genvl.training.trainer import Phase, Task
+from genvl.training.phases import Phase
+from genvl.training.trainer import Task
 
 
 def _rows(pred: CoarseLayouts, keep: torch.Tensor) -> CoarseLayouts:
@@ -75,6 +76,7 @@ class DecoderOptions:
     coarse_only: bool = False
     coarse_refit: bool = False
     prior_samples: int = 0
+    image_embeds: str = ""  # a genvl data embed folder of --data and --init's CLIP: z read, not encoded
 
 
 class DecoderTask(Task):
@@ -90,7 +92,10 @@ class DecoderTask(Task):
     instead of pixels), ``fresh`` (bool: build a new decoder even when ``--init`` holds one; the
     released directory's decoder is replaced) and ``cache_inputs`` (default true for decoders without
     text: each training image's CLIP embedding and latents are computed once and kept by dataset
-    index, as both come from frozen models and the images are not augmented).
+    index, as both come from frozen models and the images are not augmented) and ``image_embeds``
+    (a ``genvl data embed`` folder of the same ``--data`` made with the CLIP of ``--init``: every
+    image's CLIP embedding is read from it instead of computed, in the first epoch and in the
+    coarse path's first phase; ``genvl data embed`` encodes at the CLIP's own image size).
 
     Coarse layout path (what it is and how it trains: :mod:`genvl.models.decoder`): ``coarse_size``
     (0 = off; a decoder from ``--init`` without one is grown with ``add_coarse``), ``coarse_hidden``
@@ -129,6 +134,7 @@ class DecoderTask(Task):
         self.cache_inputs = True
         self.fresh = False  # model.fresh: a new decoder although --init holds one
         self._cache: EncodingCache | None = None  # z (N, D) [and latents (N, C, s, s)] by dataset index
+        self.z_table: torch.Tensor | None = None  # (N, D) CLIP image embeddings read from model.image_embeds
         self.coarse_weight = 1.0
         self.coarse_only = False  # model.coarse_only: only the coarse layout path trains
         self.prior_samples = 0  # model.prior_samples: prior-drawn embeddings per image
@@ -262,6 +268,10 @@ class DecoderTask(Task):
         self.text_len = text_len
         self.scheduler = model.make_scheduler("ddpm")
         self.dataset = dataset
+        if o.image_embeds:
+            from genvl.data.embeddings import clip_weights_hash, image_embeddings_for
+
+            self.z_table = image_embeddings_for(o.image_embeds, dataset, clip_weights_hash(init))
         self.decoder = model
         self.fixed_pixels, self.fixed_texts = fixed_items(dataset)
         return model.train()
@@ -312,7 +322,7 @@ class DecoderTask(Task):
         zs, ys = [], []
         for i in tqdm(range(0, len(idx), batch), desc="coarse layout: encoding", disable=not self.show_progress, leave=False):
             px = torch.stack([dataset[j]["pixel_values"] for j in idx[i:i + batch]])  # (b, 3, S, S)
-            zs.append(self.clip.encode_image(px).float())
+            zs.append(self.z_table[idx[i:i + batch]] if self.z_table is not None else self.clip.encode_image(px).float())
             ys.append(F.adaptive_avg_pool2d(decoder.encode(px), s))  # (b, C, s, s)
         z, y = torch.cat(zs), torch.cat(ys)
         n_exact, n_prior = len(z), 0
@@ -364,6 +374,14 @@ class DecoderTask(Task):
         A pixel decoder's x0 is the batch itself, so only the CLIP embedding is cached; a latent
         decoder caches its latents beside it.
         """
+        if self.z_table is not None and index is not None:  # read from model.image_embeds
+            z = self.z_table[index.cpu()].to(px.device)
+            if decoder.vae is None or not self.cache_inputs:
+                return z, decoder.encode(px)
+            if self._cache is None:
+                self._cache = EncodingCache(len(self.dataset))
+            (x0,) = self._cache.lookup(index, lambda rows: (decoder.encode(px[rows]),))
+            return z, x0
         if not self.cache_inputs or self.text or index is None:
             return self.clip.encode_image(px).float(), decoder.encode(px)
         if self._cache is None:

@@ -77,6 +77,7 @@ class PriorTask(Task):
     stage = "prior"
     component = "prior"
     accepts_embeddings = True
+    streams = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -164,13 +165,15 @@ class PriorTask(Task):
                 "uncond": uncond,
             }
         enc = encode_texts(self.tokenizer, texts, max_length=self.text_len)
-        return {
+        batch = {
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, S, S)
             "input_ids": enc["input_ids"],  # (B, L)
             "attention_mask": enc["attention_mask"],  # (B, L)
             "uncond": uncond,
-            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),  # (B,) dataset indices
         }
+        if "index" in items[0]:  # map-style: each image's embedding is cached by index (streams have none)
+            batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)  # (B,)
+        return batch
 
     def to_device(self, device: torch.device) -> None:
         self.clip.to(device)

@@ -48,6 +48,7 @@ class SuperResTask(Task):
     options = SuperResOptions
     stage = "sr"
     component = "sr"
+    streams = True
 
     def __init__(self, cfg):
         super().__init__(cfg)

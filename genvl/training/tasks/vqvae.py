@@ -95,6 +95,7 @@ class VQVAETask(Task):
                    "disc_channels": int, "disc_layers": int}
     stage = "vqvae"
     component = "vqvae"
+    streams = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
