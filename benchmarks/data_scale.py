@@ -19,6 +19,7 @@ training loop over the same steps, and the one-time cost of embedding. Goal: >= 
 
     python benchmarks/data_scale.py                       # table + benchmarks/results/data_scale.json
     python benchmarks/data_scale.py --shards 10,100 --batches 5 --prior-steps 0
+    python benchmarks/data_scale.py --shards 2,4 --procs 1 --batches 1 --prior-steps 2 --prior-images 8 --prior-batch 4
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--prior-steps", type=int, default=60, help="prior training steps per path (0: skip that part)")
     ap.add_argument("--prior-images", type=int, default=2000, help="images of the prior part's generated folder")
+    ap.add_argument("--prior-batch", type=int, default=64,
+                    help="batch of the prior part's training runs (at most --prior-images)")
     ap.add_argument("--work", default=None, help="where the shards go (default: a temp folder)")
     ap.add_argument("--json", default="benchmarks/results/data_scale.json")
     ap.add_argument("--child", nargs=6, metavar=("MODE", "PATTERN", "RANK", "WORLD", "BATCHES", "BS"),
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
 
         for d in work.glob("prior-run-*"):
             shutil.rmtree(d)
-        prior_rows = prior_speed(work, args.prior_images, args.prior_steps, 64)
+        prior_rows = prior_speed(work, args.prior_images, args.prior_steps, args.prior_batch)
         print(f"\n{'path':<26} {'steps':>5} {'samples/s':>10} {'final loss':>10}")
         for r in prior_rows:
             print(f"{r['path']:<26} {r['steps']:>5} {r['samples_per_s']:>10.1f} {r['final_loss']:>10.4f}")

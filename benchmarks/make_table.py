@@ -4,7 +4,10 @@ Every results file written by the scripts here has top-level ``benchmark``, ``de
 ``torch``, ``config`` and ``goals`` (a list of ``{name, measured, unit, goal, status, note}``, status
 "met" | "missed" | "not measured here") next to its detailed rows. This script lists how to run
 each script (from the usage lines of its docstring) and writes one table of every goal. Files
-without goals get one row saying so; files that are not JSON objects are listed as unreadable.
+without goals get one row saying so; files that are not JSON objects are listed as unreadable; the
+index of a ``gpu_all.py`` run (``summary.json``, benchmark "gpu_all") is not a result and is left
+out. Sections of the existing README other than "Scripts" and "Goals" are hand-written: they are
+kept as they are, between those two.
 
     python benchmarks/make_table.py                     # writes benchmarks/README.md
     python benchmarks/make_table.py --out /tmp/table.md
@@ -56,6 +59,31 @@ def scripts_section(folder: Path) -> list[str]:
     return lines
 
 
+#: The sections this script writes; any other ``## `` section of the README is hand-written.
+GENERATED_SECTIONS = ("Scripts", "Goals")
+
+
+def handwritten_sections(readme: Path) -> list[str]:
+    """The lines of ``readme``'s ``## `` sections that this script does not generate, unchanged
+    (headings inside fenced code blocks do not count)."""
+    try:
+        text = readme.read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    out: list[str] = []
+    keep = fenced = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif line.startswith("## ") and not fenced:
+            keep = line[3:].strip() not in GENERATED_SECTIONS
+        if keep:
+            out.append(line)
+    while out and not out[-1].strip():
+        out.pop()
+    return out
+
+
 def _cell(x) -> str:
     text = "" if x is None else str(x)
     return " ".join(text.split()).replace("|", "\\|")
@@ -93,6 +121,8 @@ def collect(results: Path) -> tuple[list[list[str]], list[str]]:
         if not isinstance(d, dict):
             problems.append(f"`{path.name}`: not a JSON object")
             continue
+        if d.get("benchmark") == "gpu_all":  # the index of a gpu_all.py run, not a result
+            continue
         bench = str(d.get("benchmark") or path.stem)
         label = bench if bench == path.stem else f"{bench} (`{path.name}`)"
         goals = d.get("goals")
@@ -106,13 +136,16 @@ def collect(results: Path) -> tuple[list[list[str]], list[str]]:
     return [[_cell(c) for c in r] for r in rows], problems
 
 
-def render(folder: Path, results: Path) -> str:
+def render(folder: Path, results: Path, keep_from: Path | None = None) -> str:
+    """The README: the intro, the scripts, the hand-written sections of ``keep_from`` (an existing
+    README), the goals of every results file."""
     rows, problems = collect(results)
     counts: dict[str, int] = {}
     for r in rows:
         if r[4]:
             counts[r[4]] = counts.get(r[4], 0) + 1
-    lines = [INTRO, *scripts_section(folder), "", "## Goals", ""]
+    kept = handwritten_sections(keep_from) if keep_from else []
+    lines = [INTRO, *scripts_section(folder), *([""] + kept if kept else []), "", "## Goals", ""]
     if counts:
         lines += ["Status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", ""]
     lines += ["| benchmark | goal | measured | target | status | device | note |",
@@ -130,7 +163,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--results", default=str(HERE / "results"), help="folder of results JSON files")
     p.add_argument("--out", default=str(HERE / "README.md"), help="the Markdown file to write")
     args = p.parse_args(argv)
-    text = render(HERE, Path(args.results))
+    text = render(HERE, Path(args.results), keep_from=HERE / "README.md")
     Path(args.out).write_text(text)
     print(text)
     print(f"wrote {args.out}")

@@ -81,25 +81,28 @@ def set_threads(device: torch.device, threads: int | None) -> None:
         torch.set_num_threads(threads or 1)
 
 
-def dense_rate(device: torch.device, dtype: torch.dtype, clock: str = "wall") -> dict[str, Any]:
+def dense_rate(device: torch.device, dtype: torch.dtype, clock: str = "wall", n: int | None = None) -> dict[str, Any]:
     """The measured dense compute rate of ``dtype`` (FLOP/s), the denominator of MFU.
 
     CUDA: a bf16 / fp32 8192^3 matmul (TF32 off). CPU: an fp32 / bf16 2048^3 matmul and a 3x3
     convolution of the same order (8 x 512 x 16 x 16, 512 filters), and the faster of the two: on AMD
     CPUs MKL's matmul runs AVX2 code at about half of what oneDNN's AVX-512 convolutions reach, so
     the matmul alone would let conv-heavy models exceed "100%". Rates by ``clock`` ("wall" or "cpu",
-    this process's CPU time).
+    this process's CPU time). ``n`` replaces the matmul's side and leaves the convolution out: a
+    quick check of the scripts, whose small matmul reaches less than the dense rate, so MFU figures
+    against it come out too high.
     """
     g = torch.Generator(device=device).manual_seed(0)
     out: dict[str, Any] = {"dtype": str(dtype).replace("torch.", ""), "clock": clock}
-    n = 8192 if device.type == "cuda" else 2048
+    with_conv = device.type == "cpu" and not n
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     with torch.no_grad():
         t = time_steps(lambda: a @ b, device, warmup=2, steps=20 if device.type == "cuda" else 5, clock=clock)
     out[f"matmul_{n}"] = 2 * n**3 / t["step_s"]
     del a, b
-    if device.type == "cpu":
+    if with_conv:
         x = torch.randn(8, 512, 16, 16, dtype=dtype, generator=g)
         w = torch.randn(512, 512, 3, 3, dtype=dtype, generator=g)
         with torch.no_grad():

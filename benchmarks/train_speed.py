@@ -28,9 +28,14 @@ Printed as tables; written as JSON (schema in ``benchmarks/train_common.py``) wi
     python benchmarks/train_speed.py --device cpu            # CPU: small sizes, 1 thread
     python benchmarks/train_speed.py --stages decoder,lm --size tiny --steps 2 --no-loop
     python benchmarks/train_speed.py --device cpu --skip "bf16 eager,bf16 compile" --merge   # rerun a part
+    python benchmarks/train_speed.py --stages prior --variants "bf16 eager;bf16 compile" --no-loop   # MFU only
 
 ``--merge`` lays a partial rerun (some stages, some variants skipped) over the existing results file
 of the same device and size, keeping what was not rerun (marked ``from_earlier_run``).
+``--variants`` keeps only the named variants (``;``-separated: names such as "fp32 eager, for-loop
+AdamW" hold commas). With ``--no-loop`` the synthetic set is one batch (the bare step trains on the
+first batch only), so a short run writes no more images than it reads. ``--dense-size N`` times an
+N^3 matmul as the MFU reference instead (quick checks only: MFU against it comes out too high).
 """
 
 from __future__ import annotations
@@ -232,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "other load on the machine), wall time otherwise")
     p.add_argument("--no-loop", action="store_true", help="skip the full-loop and data-loader measurements")
     p.add_argument("--skip", default="", help="comma-separated variant names to leave out")
+    p.add_argument("--variants", default="",
+                   help="';'-separated variant names: measure only these (default: every variant of the device)")
+    p.add_argument("--dense-size", type=int,
+                   help="side of the reference matmul of MFU (default 8192 CUDA, 2048 CPU; smaller: a quick check)")
     p.add_argument("--work", help="folder for the synthetic data and model directories (default: a temp folder)")
     p.add_argument("--json", default="benchmarks/results/train_speed.json", help="where to write the results")
     p.add_argument("--merge", action="store_true",
@@ -249,16 +258,21 @@ def main(argv: list[str] | None = None) -> dict:
     workers = args.workers if args.workers is not None else (8 if gpu else 0)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    only = {s.strip() for s in args.variants.split(";") if s.strip()}
     bad = [s for s in stages if s not in STAGES]
     if bad:
         p.error(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
+    names = {v.name for s in stages for dt in (None, "fp32", "bf16") for v in variants_for(s, gpu, dt)}
+    if only - names:
+        p.error(f"--variants: no variant {sorted(only - names)} on {device.type}; variants: {'; '.join(sorted(names))}")
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are real fp32
     tmp = tempfile.TemporaryDirectory(prefix="genvl-train-speed-") if not args.work else None
     work = Path(args.work or tmp.name)
 
     load_start = load_average()
-    refs = {mp: dense_rate(device, dtype, clock) for mp, dtype in (("bf16", torch.bfloat16), ("no", torch.float32))}
+    refs = {mp: dense_rate(device, dtype, clock, args.dense_size)
+            for mp, dtype in (("bf16", torch.bfloat16), ("no", torch.float32))}
     peak = {mp: r["flop_per_s"] for mp, r in refs.items()}  # the MFU denominator of a variant's precision
     mfu_ref = (f"bf16 {peak['bf16'] / 1e12:.3f} / fp32 {peak['no'] / 1e12:.3f} TFLOP/s dense rate measured"
                + (" (CPU clock)" if clock == "cpu" else ""))
@@ -268,14 +282,16 @@ def main(argv: list[str] | None = None) -> dict:
     rows, goals, summary = [], [], {}
     for stage in stages:
         batch = args.batch or BATCH[device.type][stage]
-        setup = prepare_stage(stage, size, work, batch, n_images=IMAGES_PER_BATCH * batch)
+        # the loop and loader runs read epochs of IMAGES_PER_BATCH batches; the bare step one batch
+        setup = prepare_stage(stage, size, work, batch, n_images=batch if args.no_loop else IMAGES_PER_BATCH * batch)
         setup.cfg.data.num_workers = workers
         print(f"\n[{stage}] size {size}, batch {batch}, data {setup.data.name}")
         flops, n_params, fast_dtype, stage_rows = None, None, None, []
         dataset = None
         measured = set()
         while True:
-            todo = [v for v in variants_for(stage, gpu, fast_dtype) if v.name not in measured and v.name not in skip]
+            todo = [v for v in variants_for(stage, gpu, fast_dtype)
+                    if v.name not in measured and v.name not in skip and (not only or v.name in only)]
             if not todo:
                 if not gpu and fast_dtype is None:  # both eager precisions measured: pick the compile dtype
                     eager = {r["variant"]: r["step_s"] for r in stage_rows if "step_s" in r}
