@@ -42,6 +42,10 @@ def write_shards(root, n_shards=6, per_shard=5, bad=True):
                 else:
                     _add(tar, f"{key}.txt", f"sample {key}".encode())
                 good.add(f"sample {key}")
+        # img2dataset writes a parquet of the shard's metadata and a stats file beside each shard;
+        # readers take only the .tar files (these stand-ins are not read at all)
+        (root / f"shard-{s:03d}.parquet").write_bytes(b"PAR1" + bytes(16) + b"PAR1")
+        (root / f"shard-{s:03d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
     if bad:  # cut the last shard inside its third sample's image
         last = root / f"shard-{n_shards - 1:03d}.tar"
         data = last.read_bytes()
