@@ -67,6 +67,26 @@ def shapes_dir(tmp_path) -> Path:
 TINY_PARTS = ("clip", "prior", "decoder", "vqvae", "lm")
 
 
+def save_tiny_hf_clip(path: Path):
+    """A randomly initialised tiny transformers ``CLIPModel`` folder at ``path`` with a small trained
+    tokenizer beside it, as a CLIP folder from elsewhere would be. Returns (model, tokenizer)."""
+    from transformers import CLIPConfig as HFConfig
+    from transformers import CLIPModel
+
+    from genvl.tokenizers.text import train_text_tokenizer
+
+    tok = train_text_tokenizer([f"a {c} shape" for c in "red green blue".split()], vocab_size=300, model_max_length=16)
+    hf = CLIPModel(HFConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=len(tok), max_position_embeddings=16, eos_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)).eval()
+    hf.save_pretrained(path)
+    tok.save_pretrained(str(path))
+    return hf, tok
+
+
 def build_tiny_model(path: Path, parts: tuple[str, ...] = TINY_PARTS, *, sr: bool = False,
                      sampling: dict | None = None, training: dict | None = None) -> Path:
     """A random model directory (about a second on a CPU): an 8-token text tower, a 16 px decoder

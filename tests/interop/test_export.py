@@ -227,22 +227,11 @@ def test_a_transformers_clip_folder_from_elsewhere_imports_as_the_clip_component
     """genvl import of a plain CLIPModel folder (no genvl side files): the clip component computes
     what transformers computes, and the folder's tokenizer comes along; other foreign folders are
     refused with what is supported."""
-    from transformers import CLIPConfig as HFConfig
-    from transformers import CLIPModel
-
     from genvl.cli import main
-    from genvl.tokenizers.text import train_text_tokenizer
+    from tests.conftest import save_tiny_hf_clip
 
     torch.manual_seed(0)
-    tok = train_text_tokenizer([f"a {c} shape" for c in "red green blue".split()], vocab_size=300, model_max_length=16)
-    hf = CLIPModel(HFConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=len(tok), max_position_embeddings=16, eos_token_id=tok.eos_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)).eval()
-    hf.save_pretrained(tmp_path / "hf")
-    tok.save_pretrained(str(tmp_path / "hf"))
+    hf, tok = save_tiny_hf_clip(tmp_path / "hf")
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "g")]) == 0
     md = open_model_dir(tmp_path / "g")
     clip = md.load("clip")

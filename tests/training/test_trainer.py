@@ -214,20 +214,9 @@ def test_lit_frozen_text_encoder_from_a_huggingface_directory(shapes_dir, tmp_pa
 
 
 def test_start_from_a_huggingface_clip_directory(shapes_dir, tmp_path):
-    from transformers import CLIPConfig as HFConfig
-    from transformers import CLIPModel
+    from conftest import save_tiny_hf_clip
 
-    from genvl.tokenizers.text import train_text_tokenizer
-
-    tok = train_text_tokenizer([f"a {c} shape" for c in "red green blue".split()], vocab_size=300, model_max_length=16)
-    hf = CLIPModel(HFConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=len(tok), max_position_embeddings=16, eos_token_id=tok.eos_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16))
-    hf.save_pretrained(tmp_path / "hf")
-    tok.save_pretrained(str(tmp_path / "hf"))
+    save_tiny_hf_clip(tmp_path / "hf")
     res = train(CLIPTask(cfg(f"model.from_hf={tmp_path / 'hf'}", "max_steps=4")), shapes_dir, tmp_path / "ft",
                 progress=False)
     assert res.step == 4
