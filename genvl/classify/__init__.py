@@ -22,13 +22,20 @@ from genvl.classify.base import (
 from genvl.classify.clip import CLIPClassifier
 from genvl.classify.diffusion import ClassConditions, DiffusionClassifier, PriorConditioner, timestep_weights
 from genvl.classify.load import METHODS, REQUIRES, load_classifier, supported_methods
-from genvl.classify.montecarlo import adaptive_scores, parse_schedule, schedule_evals, shared_pairs
+from genvl.classify.montecarlo import (
+    Confidence,
+    adaptive_scores,
+    parse_adaptive,
+    parse_schedule,
+    schedule_evals,
+    shared_pairs,
+)
 from genvl.classify.prior import PriorClassifier
 
 __all__ = [
-    "ARClassifier", "CLIPClassifier", "ClassConditions", "ClassifyResult", "DEFAULT_TEMPERATURES",
+    "ARClassifier", "CLIPClassifier", "ClassConditions", "Confidence", "ClassifyResult", "DEFAULT_TEMPERATURES",
     "DiffusionClassifier", "METHODS", "PriorClassifier", "PriorConditioner", "REQUIRES", "Scorer",
     "adaptive_scores", "classify", "cross_fit_temperature", "expand_classes", "expected_calibration_error",
-    "fit_temperature", "load_classifier", "parse_schedule", "schedule_evals", "shared_pairs",
+    "fit_temperature", "load_classifier", "parse_adaptive", "parse_schedule", "schedule_evals", "shared_pairs",
     "supported_methods", "timestep_weights", "zero_shot_metrics",
 ]

@@ -25,7 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genvl.classify.montecarlo import Schedule, adaptive_scores, check_schedule, schedule_evals, shared_pairs
+from genvl.classify.montecarlo import (
+    Elimination,
+    EvalLedger,
+    RowError,
+    Schedule,
+    adaptive_scores,
+    check_elimination,
+    check_schedule,
+    evals_per_image,
+    full_table,
+    shared_pairs,
+)
 from genvl.errors import GenvlError
 from genvl.limits import MAX_BATCH_SIZE, MAX_SAMPLES, check_count, check_memory, unet_bytes
 
@@ -86,6 +97,7 @@ class PriorConditioner:
 WEIGHTINGS = ("uniform", "min-snr")
 
 
+
 def timestep_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, weighting: str | Callable,
                      gamma: float = 5.0) -> torch.Tensor:
     """(K,) weight of each pair's error.
@@ -121,8 +133,12 @@ class DiffusionClassifier:
         conditioner: prompts -> :class:`ClassConditions` (usually a :class:`PriorConditioner`).
         samples: K, the (t, eps) pairs per class of the naive estimator (used when ``schedule`` is None).
         schedule: adaptive elimination [(samples, keep), ...], e.g. [(8, 5), (32, 2), (64, 1)].
+        elimination: how a schedule eliminates classes: "top-k" (keep the ``keep`` best after each
+            stage) or a :class:`~genvl.classify.montecarlo.Confidence` rule ("confidence": z = 2).
         weighting: "uniform" | "min-snr" | callable (K,) timesteps -> (K,) weights.
-        t_range: [t_min, t_max) of the timesteps (default: the whole schedule).
+        t_range: [t_min, t_max) of the timesteps (default: the whole schedule). On the demo model
+            a middle range ([50, 900) of 1000) helped neither the naive estimator nor the confidence
+            rule at equal evaluations (benchmarks/results/zero_shot_emoji10.json).
         batch_size: (image, class, t) rows per decoder forward.
         seed: seed of the shared pairs.
         device: where the decoder runs (default: its own device).
@@ -132,16 +148,19 @@ class DiffusionClassifier:
 
     def __init__(self, decoder: nn.Module, conditioner: Callable[[list[str]], ClassConditions], samples: int = 32,
                  schedule: Schedule | None = None, weighting: str | Callable = "uniform",
-                 t_range: tuple[int, int] | None = None, batch_size: int = 64, seed: int = 0, device=None):
+                 t_range: tuple[int, int] | None = None, batch_size: int = 64, seed: int = 0, device=None,
+                 elimination: Elimination | None = None):
         check_count("samples", samples, MAX_SAMPLES, what="samples per class")
         check_count("batch_size", batch_size, MAX_BATCH_SIZE, what="rows per forward")
         self.decoder = decoder.eval()
         self.conditioner = conditioner
         self.schedule = check_schedule(schedule) if schedule else None
+        self.elimination = check_elimination(elimination)
+        self.ledger = EvalLedger()
         self.samples = samples
         self.weighting = weighting
         T = decoder.config.num_train_timesteps
-        self.t_range = t_range or (0, T)
+        self.t_range = tuple(t_range) if t_range else (0, T)
         if not 0 <= self.t_range[0] < self.t_range[1] <= T:
             raise GenvlError(f"t_range must satisfy 0 <= t_min < t_max <= {T}, got {self.t_range}")
         self.batch_size, self.seed = batch_size, seed
@@ -174,7 +193,8 @@ class DiffusionClassifier:
         return self.schedule or [(self.samples, num_classes)]
 
     def evals_per_image(self, num_classes: int) -> float:
-        return schedule_evals(self.stages(num_classes), num_classes)
+        """Decoder rows per image: exact for top-k, the measured mean for a confidence rule."""
+        return evals_per_image(self.stages(num_classes), num_classes, self.elimination, self.ledger)
 
     def noise_pairs(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared pairs: t (K,) long, eps (K, *sample_shape) (deterministic in ``seed``)."""
@@ -191,12 +211,30 @@ class DiffusionClassifier:
     @torch.no_grad()
     def scores_with_conditions(self, images: torch.Tensor, cond: ClassConditions) -> torch.Tensor:
         """As :meth:`scores`, with the C class conditions given."""
-        dev = self.device
         C = cond.image_embeds.shape[0]
-        x0 = self._encode(_resize(images.float(), self.image_size).to(dev)).float()  # (N, C, s, s) clean samples
         stages = self.stages(C)
         K = sum(n for n, _ in stages)
-        t, eps = self.noise_pairs(K)  # (K,), (K, C, s, s)
+        row_error, weights, N = self.row_error(images, cond, K)
+        scores, evals = adaptive_scores(N, C, stages, weights, row_error, self.batch_size, self.elimination)
+        self.last_evals = evals
+        self.ledger.add(C, evals)
+        return scores
+
+    @torch.no_grad()
+    def row_error(self, images: torch.Tensor, cond: ClassConditions, num_pairs: int
+                  ) -> tuple[RowError, torch.Tensor, int]:
+        """The per-row error of :func:`~genvl.classify.montecarlo.adaptive_scores` over the first
+        ``num_pairs`` shared pairs.
+
+        Returns:
+            row_error: (n_idx, c_idx, k_idx) (R,) long -> (R,) ||eps_k - eps_theta(x_t, t_k, c)||^2,
+                one decoder forward of R rows.
+            weights: (K,) float64 w(t_k).
+            N: the number of images.
+        """
+        dev = self.device
+        x0 = self._encode(_resize(images.float(), self.image_size).to(dev)).float()  # (N, C, s, s) clean samples
+        t, eps = self.noise_pairs(num_pairs)  # (K,), (K, C, s, s)
         weights = timestep_weights(self.scheduler.alphas_cumprod, t, self.weighting)  # (K,)
         eps, t_dev = eps.to(dev), t.to(dev)
         z = cond.image_embeds.float().to(dev)  # (C, D)
@@ -212,6 +250,13 @@ class DiffusionClassifier:
                                 mask[c] if mask is not None else None)  # (R, C, s, s) epsilon
             return (e - pred.float()).pow(2).flatten(1).sum(1)  # (R,)
 
-        scores, evals = adaptive_scores(x0.shape[0], C, stages, weights, row_error, self.batch_size)
-        self.last_evals = evals
-        return scores
+        return row_error, weights, x0.shape[0]
+
+    @torch.no_grad()
+    def error_table(self, images: torch.Tensor, cond: ClassConditions, num_pairs: int) -> torch.Tensor:
+        """(N, C, K) float64 unweighted errors of every image, class and one of the first K shared
+        pairs (N C K decoder rows). Replaying any schedule on it with
+        :func:`~genvl.classify.montecarlo.table_row_error` gives exactly the scores (and evaluation
+        counts) that :meth:`scores_with_conditions` would compute with that schedule and this seed."""
+        row_error, _, N = self.row_error(images, cond, num_pairs)
+        return full_table(N, cond.image_embeds.shape[0], num_pairs, row_error, self.batch_size)

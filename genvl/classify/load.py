@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genvl.classify.montecarlo import Schedule
+from genvl.classify.montecarlo import Elimination, Schedule
 from genvl.errors import GenvlError
 
 METHODS = ("clip", "diffusion", "prior", "ar")
@@ -23,7 +23,8 @@ def supported_methods(md) -> list[str]:
 
 def load_classifier(md, method: str, device: str = "cpu", samples: int | None = None,
                     schedule: Schedule | None = None, seed: int = 0, batch_size: int | None = None,
-                    prior_samples: int = 4, prior_steps: int = 25):
+                    prior_samples: int = 4, prior_steps: int = 25, elimination: Elimination | None = None,
+                    t_range: tuple[int, int] | None = None, weighting: str | None = None):
     """A scorer (``scores``, ``evals_per_image``, ``image_size``) for ``method`` from ``md``.
 
     Args:
@@ -35,6 +36,10 @@ def load_classifier(md, method: str, device: str = "cpu", samples: int | None = 
         seed: seed of the shared pairs (and of the prior samples that condition the decoder).
         batch_size: rows per forward (default: the method's).
         prior_samples, prior_steps: the prior draws that turn a class prompt into the decoder's condition.
+        elimination: "top-k" (default) or a :class:`~genvl.classify.montecarlo.Confidence` rule for
+            ``schedule``.
+        t_range: diffusion: [t_min, t_max) of the shared timesteps (default: all of them).
+        weighting: diffusion: "uniform" (default) | "min-snr"; prior: "x0" (default) | "eps" | "min-snr".
 
     Raises:
         GenvlError: an unknown method, or a directory without the components it needs.
@@ -65,10 +70,12 @@ def load_classifier(md, method: str, device: str = "cpu", samples: int | None = 
     if method == "prior":
         from genvl.classify.prior import PriorClassifier
 
-        return PriorClassifier(prior, clip, tok, samples=samples or 64, schedule=schedule, seed=seed, **bs)
+        return PriorClassifier(prior, clip, tok, samples=samples or 64, schedule=schedule, seed=seed,
+                               elimination=elimination, weighting=weighting or "x0", **bs)
     from genvl.classify.diffusion import DiffusionClassifier, PriorConditioner
 
     decoder = md.load("decoder", device=device)
     cond = PriorConditioner(prior, clip, tok, text_width=getattr(decoder.config, "text_width", 0),
                             samples=prior_samples, steps=prior_steps, seed=seed)
-    return DiffusionClassifier(decoder, cond, samples=samples or 32, schedule=schedule, seed=seed, **bs)
+    return DiffusionClassifier(decoder, cond, samples=samples or 32, schedule=schedule, seed=seed,
+                               elimination=elimination, t_range=t_range, weighting=weighting or "uniform", **bs)

@@ -17,7 +17,18 @@ from __future__ import annotations
 
 import torch
 
-from genvl.classify.montecarlo import Schedule, adaptive_scores, check_schedule, schedule_evals, shared_pairs
+from genvl.classify.montecarlo import (
+    Elimination,
+    EvalLedger,
+    RowError,
+    Schedule,
+    adaptive_scores,
+    check_elimination,
+    check_schedule,
+    evals_per_image,
+    full_table,
+    shared_pairs,
+)
 from genvl.errors import GenvlError
 from genvl.limits import MAX_SAMPLES, check_count
 
@@ -33,6 +44,8 @@ class PriorClassifier:
         tokenizer: the CLIP's text tokenizer.
         samples: K shared (t, eps) pairs per class (naive estimator).
         schedule: optional adaptive elimination [(samples, keep), ...].
+        elimination: "top-k" or a :class:`~genvl.classify.montecarlo.Confidence` rule (as for the
+            pixel classifier).
         weighting: "x0" | "eps" | "min-snr".
         batch_size: (image, class, t) rows per prior forward.
         seed: seed of the shared pairs.
@@ -41,13 +54,16 @@ class PriorClassifier:
     method = "prior"
 
     def __init__(self, prior, clip, tokenizer, samples: int = 64, schedule: Schedule | None = None,
-                 weighting: str = "x0", batch_size: int = 1024, seed: int = 0):
+                 weighting: str = "x0", batch_size: int = 1024, seed: int = 0,
+                 elimination: Elimination | None = None):
         if weighting not in PRIOR_WEIGHTINGS:
             raise GenvlError(f"unknown prior weighting {weighting!r}; choose {', '.join(PRIOR_WEIGHTINGS)}")
         check_count("samples", samples, MAX_SAMPLES, what="samples per class")
         self.prior, self.clip, self.tokenizer = prior.eval(), clip.eval(), tokenizer
         self.samples, self.weighting, self.batch_size, self.seed = samples, weighting, batch_size, seed
         self.schedule = check_schedule(schedule) if schedule else None
+        self.elimination = check_elimination(elimination)
+        self.ledger = EvalLedger()
         self.scheduler = prior.make_scheduler("ddpm")
         self.image_size = clip.config.image_size
         self.last_evals: torch.Tensor | None = None
@@ -57,7 +73,7 @@ class PriorClassifier:
 
     def evals_per_image(self, num_classes: int) -> float:
         # prior rows; the one CLIP image-tower pass per image is not counted (as for clip's text).
-        return schedule_evals(self.stages(num_classes), num_classes)
+        return evals_per_image(self.stages(num_classes), num_classes, self.elimination, self.ledger)
 
     def noise_pairs(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
         """t (K,) long, eps (K, D)."""
@@ -66,6 +82,19 @@ class PriorClassifier:
     @torch.no_grad()
     def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1], C prompts -> (N, C) scores -E w(t) ||x0 - x0_theta||^2."""
+        C = len(prompts)
+        stages = self.stages(C)
+        row_error, weights, N = self.row_error(images, prompts, sum(n for n, _ in stages))
+        scores, evals = adaptive_scores(N, C, stages, weights, row_error, self.batch_size, self.elimination)
+        self.last_evals = evals
+        self.ledger.add(C, evals)
+        return scores
+
+    @torch.no_grad()
+    def row_error(self, images: torch.Tensor, prompts: list[str], num_pairs: int
+                  ) -> tuple[RowError, torch.Tensor, int]:
+        """(row_error, (K,) weights, N) over the first ``num_pairs`` shared pairs: one prior forward
+        per call of R rows -> (R,) ||x0 - x0_theta||^2 (as :meth:`DiffusionClassifier.row_error`)."""
         from genvl.sampling.prior import check_prior_fits, encode_for_prior
 
         check_prior_fits(self.prior, self.clip)
@@ -74,10 +103,7 @@ class PriorClassifier:
         z = self.clip.encode_image(images.float().to(clip_dev)).float().to(dev)  # (N, D) unit
         x0 = self.prior.normalize(z)  # (N, D) normalised diffusion space
         text = encode_for_prior(self.clip, self.tokenizer, self.prior, list(prompts))  # on the prior's device
-        C = text.embeds.shape[0]
-        stages = self.stages(C)
-        K = sum(n for n, _ in stages)
-        t, eps = self.noise_pairs(K)  # (K,), (K, D)
+        t, eps = self.noise_pairs(num_pairs)  # (K,), (K, D)
         a = self.scheduler.alphas_cumprod.double()[t]
         snr = a / (1 - a)
         weights = {"x0": torch.ones_like(a), "eps": snr, "min-snr": snr.clamp(max=5.0)}[self.weighting]  # (K,)
@@ -89,6 +115,11 @@ class PriorClassifier:
             pred = self.prior(noisy, t_dev[k], text.embeds[c], text.token_states[c], text.attention_mask[c])  # (R, D)
             return (x0[n] - pred.float()).pow(2).sum(1)  # (R,)
 
-        scores, evals = adaptive_scores(x0.shape[0], C, stages, weights, row_error, self.batch_size)
-        self.last_evals = evals
-        return scores
+        return row_error, weights, x0.shape[0]
+
+    @torch.no_grad()
+    def error_table(self, images: torch.Tensor, prompts: list[str], num_pairs: int) -> torch.Tensor:
+        """(N, C, K) float64 unweighted errors of every image, class and one of the first K pairs
+        (see :meth:`DiffusionClassifier.error_table`)."""
+        row_error, _, N = self.row_error(images, prompts, num_pairs)
+        return full_table(N, len(prompts), num_pairs, row_error, self.batch_size)

@@ -44,10 +44,10 @@ def read_classes(args) -> list[str]:
 
 def classify_options(args) -> dict:
     """Scoring settings shared by classify and evaluate zero-shot (checked before any model loads)."""
-    from genvl.classify import parse_schedule
+    from genvl.classify import parse_adaptive
 
-    schedule = parse_schedule(args.schedule) if getattr(args, "schedule", None) else None
-    return {"samples": args.samples, "schedule": schedule, "seed": args.seed}
+    schedule, elimination = parse_adaptive(args.schedule) if getattr(args, "schedule", None) else (None, None)
+    return {"samples": args.samples, "schedule": schedule, "elimination": elimination, "seed": args.seed}
 
 
 def cmd_classify(args) -> int:
@@ -92,7 +92,9 @@ def add_parsers(sub) -> None:
     k.add_argument("--samples", type=limited(MAX_SAMPLES, "samples per class"),
                    help="diffusion / prior: (t, noise) samples per class "
                    "(default 32 / 64)")
-    k.add_argument("--schedule", help="diffusion / prior: adaptive elimination, samples:keep per stage, e.g. 8:5,32:1")
+    k.add_argument("--schedule", help="diffusion / prior: adaptive elimination: \"confidence\" (racing on paired "
+                   "confidence bounds, each image stops once decided; confidence:Z sets the bound width, default 2) "
+                   "or samples:keep per stage, e.g. 8:5,32:1")
     k.add_argument("--seed", type=seed_arg, default=CLASSIFY_DEFAULTS["seed"],
                    help="seed of the shared (t, noise) samples")
     k.add_argument("--temperature", type=float, help="softmax temperature (default: the model's fitted one, else "

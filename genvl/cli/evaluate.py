@@ -356,7 +356,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--template", help="zero-shot: prompt template with {} for the class name")
     e.add_argument("--samples", type=limited(MAX_SAMPLES, "samples per class"),
                    help="zero-shot diffusion / prior: (t, noise) samples per class")
-    e.add_argument("--schedule", help="zero-shot diffusion / prior: adaptive elimination, e.g. 8:5,32:1")
+    e.add_argument("--schedule", help="zero-shot diffusion / prior: adaptive elimination, confidence[:Z] or "
+                   "samples:keep stages, e.g. 8:5,32:1")
     e.add_argument("--temperature", type=float, help="zero-shot: softmax temperature (default: model's / method's)")
     e.add_argument("--limit", type=positive_int, help="use only the first N pairs")
     e.add_argument("--batch-size", type=limited(MAX_BATCH_SIZE, "rows per batch"), default=64)
