@@ -10,6 +10,12 @@ directory supports:
 - each of them per timestep range (``--t-ranges``) and weighting (``--weightings``)
 - ``prior ...``               the same estimators on the prior's x0 error in CLIP space
 - ``ar``, ``clip``            one evaluation per (image, class) / per image
+- ``cascade``                 the prior shortlists k classes with K_p pairs, the pixel confidence race
+                              decides among them (``genvl classify --method cascade``); its K_p, k, z are
+                              chosen on a selection half of the images (crc32 of CLASS/FILE even) and
+                              measured on the test half against the pixel naive reference of the same
+                              half (``cascade_split`` in the JSON), evaluations counted as pixel + prior
+                              (each one) and cost-weighted (pixel units, prior x the measured cost ratio)
 
 The diffusion and prior points are exact replays: one error table per timestep range holds the
 error of every (image, class, pair) up to ``--pairs`` (cached in ``--cache``, resumable), and every
@@ -96,7 +102,8 @@ def naive_reference(points: list[dict], method: str) -> dict | None:
 
 
 def add_paired(points: list[dict], labels: torch.Tensor) -> None:
-    """Give every diffusion / prior point its paired comparison with its method's naive reference."""
+    """Give every diffusion / prior point its paired comparison with its method's naive reference, and
+    every cascade point its comparison with the pixel (diffusion) naive reference."""
     for m in ("diffusion", "prior"):
         ref = naive_reference(points, m)
         if ref is None or "predictions" not in ref:
@@ -105,6 +112,8 @@ def add_paired(points: list[dict], labels: torch.Tensor) -> None:
             if q["method"] == m and "predictions" in q:
                 q["vs_reference"] = {"reference": ref["label"], **paired(q["predictions"], ref["predictions"], labels),
                                      "evals_ratio": ref["evals_per_image"] / q["evals_per_image"]}
+            if m == "diffusion" and q["method"] == "cascade" and "predictions" in q:
+                q["vs_reference"] = _vs(q, ref, labels)
 
 
 def prior_pixel_ratios(points: list[dict]) -> dict:
@@ -175,6 +184,7 @@ def zero_shot_goals(out: dict) -> list[dict]:
             note += f"; {n} test images, so one image is {100 / n:.2g} accuracy point(s)"
         goals.append(_goal(name, round(saving, 3), "x", target, "met" if saving >= ADAPTIVE_SAVING else "missed",
                            note))
+    goals += cascade_goals(out)
     tp = out.get("throughput")
     name = "zero-shot batched scoring throughput vs plain decoder forward"
     target = f">= {SCORING_THROUGHPUT:g}x"
@@ -185,6 +195,58 @@ def zero_shot_goals(out: dict) -> list[dict]:
         goals.append(_goal(name, ratio, "x", target, "met" if ratio >= SCORING_THROUGHPUT else "missed",
                            f"{tp['scoring_rows_per_s']:.1f} vs {tp['plain_forward_rows_per_s']:.1f} rows/s at "
                            f"{tp['rows']} rows per forward"))
+    return goals
+
+
+#: The two ways a cascade's evaluations are counted against the pixel naive reference (whose
+#: evaluations are all pixel-decoder rows): key of the cascade point, words, selection criterion.
+CASCADE_COUNTS = (
+    ("evals_per_image", "denoiser evaluations (pixel + prior, each counted as one)", "evaluations"),
+    ("cost_weighted_evals_per_image", "cost-weighted pixel-equivalent evaluations (pixel + prior_cost x prior)",
+     "cost"),
+)
+
+
+def cascade_goals(out: dict) -> list[dict]:
+    """The >= ``ADAPTIVE_SAVING`` x goal for the cascade, counted both ways (:data:`CASCADE_COUNTS`).
+
+    Per counting, the setting chosen on the selection half by that counting
+    (:func:`cascade_study`) is compared with the pixel naive reference (:func:`naive_reference`)
+    measured on the same images: on the test half (the honest figure; the settings never saw it) and
+    on every image (half of which chose the settings). Met when its accuracy is at most
+    ``ADAPTIVE_GAP`` point below the reference's and the reference needs >= ``ADAPTIVE_SAVING`` x its
+    evaluations.
+    """
+    goals = []
+    study = out.get("cascade_split") or {}
+    target = f">= {ADAPTIVE_SAVING:g}x fewer evaluations at >= -{ADAPTIVE_GAP:g} point"
+    scopes = (("test half", study.get("test_points"), study.get("test")),
+              ("all images", out.get("points"), out.get("n")))
+    for scope, points, n in scopes:
+        for key, words, crit in CASCADE_COUNTS:
+            name = f"zero-shot cascade, {scope}: {words} saved at equal accuracy vs the pixel naive reference"
+            points = points or []
+            ref = naive_reference(points, "diffusion")
+            cas = [q for q in points if q["method"] == "cascade" and crit in q.get("selected_by", [])]
+            if ref is None or not cas:
+                goals.append(_goal(name, None, "x", target, "not measured here",
+                                   study.get("note") or "no pixel naive and cascade points with a split"))
+                continue
+            q = cas[0]
+            saving = ref["evals_per_image"] / q[key]
+            equal = q["accuracy"] >= ref["accuracy"] - ADAPTIVE_GAP / 100 - 1e-9
+            note = (f"{q['label']} (chosen on the selection half by {crit}): {100 * q['accuracy']:.1f}% at "
+                    f"{q['pixel_evals_per_image']:.2f} pixel + {q['prior_evals_per_image']:g} prior evaluations per "
+                    f"image = {q[key]:.2f} ({'prior cost %.3f x a pixel evaluation' % q['prior_cost'] if crit == 'cost' else 'each counted as one'}) "
+                    f"vs {ref['label']}: {100 * ref['accuracy']:.1f}% at {ref['evals_per_image']:g}; {n} images")
+            pv = q.get("vs_reference")
+            if pv:
+                note += (f"; paired: agree {100 * pv['agree']:.1f}%, only it right {pv['only_this_right']}, only the "
+                         f"reference right {pv['only_reference_right']}")
+            if not equal:
+                note += f"; accuracy more than {ADAPTIVE_GAP:g} point below the reference"
+            goals.append(_goal(name, round(saving, 3), "x", target,
+                               "met" if equal and saving >= ADAPTIVE_SAVING else "missed", note))
     return goals
 
 
@@ -421,7 +483,7 @@ def parse_ranges(text: str) -> list[tuple[int, int]]:
 
 
 def diffusion_points(md, data, prompts, args, device, cache: Path | None, method: str,
-                     seconds_per_eval: float) -> tuple[list[dict], dict]:
+                     seconds_per_eval: float) -> tuple[list[dict], dict, dict]:
     """Every naive / top-k / confidence point of ``method`` (diffusion or prior), replayed on error tables.
 
     One table per timestep range (diffusion) holds every (image, class, pair) error up to ``--pairs``;
@@ -430,6 +492,9 @@ def diffusion_points(md, data, prompts, args, device, cache: Path | None, method
     by :func:`replay_check`) and every point is scored on the same images and the same pairs.
     Seconds per image: evaluations x ``seconds_per_eval`` (timed back to back with the other method
     by :func:`prior_pixel_cost`, steadier than the table's own timing on a shared machine).
+
+    Returns:
+        (points, seconds per table row per timestep range, {timestep range or None: (N, C, K) table}).
     """
     from genvl.classify.diffusion import timestep_weights
     from genvl.classify.montecarlo import CONFIDENCE_STAGES, Confidence
@@ -442,12 +507,13 @@ def diffusion_points(md, data, prompts, args, device, cache: Path | None, method
     zs = [float(z) for z in args.confidence.split(",") if z]
     stages = [int(n) for n in args.confidence_stages.split(",")] if args.confidence_stages else list(CONFIDENCE_STAGES)
     C = len(prompts)
-    points, costs = [], {}
+    points, costs, tables = [], {}, {}
     for tr in ranges:
         opts = {"t_range": tr} if tr else {}
         clf = load_classifier(md, method, device=str(device), samples=K, batch_size=args.rows_per_forward, **opts)
         tab = error_table(clf, data, prompts, K, cache)
         costs[str(tr)] = tab["seconds_per_row"]
+        tables[tuple(clf.t_range) if method == "diffusion" else None] = tab["table"]
         where = f" t {tr[0]}-{tr[1]}" if tr else ""
         for wt in weightings:
             if method == "diffusion":
@@ -466,7 +532,202 @@ def diffusion_points(md, data, prompts, args, device, cache: Path | None, method
                 r["seconds_per_image"] = r["evals_per_image"] * seconds_per_eval
                 points.append({"label": label, "method": method, "kind": kind, "t_range": list(tr) if tr else None,
                                "weighting": wt, **spec, **r})
-    return points, costs
+    return points, costs, tables
+
+
+def split_halves(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection and test halves of a labelled folder: image ``CLASS_FOLDER/FILE_NAME`` is in the
+    selection half when crc32 of that string is even, else in the test half. Fixed (no seed), and an
+    image's half depends on its own name only, not on the order or on the other images.
+
+    Returns:
+        (selection indices, test indices), long tensors into ``data``.
+    """
+    import zlib
+
+    odd = torch.tensor([zlib.crc32(f"{Path(p).parent.name}/{Path(p).name}".encode()) % 2 for p in data.paths])
+    return (odd == 0).nonzero().flatten(), (odd == 1).nonzero().flatten()
+
+
+def cascade_point(prior_table: torch.Tensor, pixel_table: torch.Tensor, labels: torch.Tensor, prior_samples: int,
+                  shortlist: int, z: float, args, cost: dict) -> dict:
+    """One cascade setting replayed on the tables: the prior's naive estimator with ``prior_samples``
+    pairs scores every class, the ``shortlist`` best go to the pixel confidence race (the CLI's
+    ``confidence:z`` schedule, uniform weights, the default timestep range), through the library's own
+    :func:`~genvl.classify.cascade.cascade_scores`. Pixel and prior evaluations are counted per image."""
+    from genvl.classify.cascade import cascade_scores
+    from genvl.classify.montecarlo import adaptive_scores, parse_adaptive, table_row_error
+
+    N, C, _ = pixel_table.shape
+    mode = f"confidence:{z:g}" + (f":{args.confidence_stages}" if args.confidence_stages else "")
+    schedule, rule = parse_adaptive(mode)
+    Kx = sum(n for n, _ in schedule)
+    ps, pev = adaptive_scores(N, C, [(prior_samples, C)], torch.ones(prior_samples, dtype=torch.float64),
+                              table_row_error(prior_table), 1 << 16)
+    scores, xev, top = cascade_scores(ps, shortlist, schedule, torch.ones(Kx, dtype=torch.float64),
+                                      table_row_error(pixel_table), 1 << 16, rule)
+    pred = scores.argmax(1)
+    pixel, prior = float(xev.double().mean()), float(pev.double().mean())
+    ratio = cost["prior_over_pixel"]
+    return {"label": f"cascade prior {prior_samples} top-{shortlist} pixel confidence z={z:g}", "method": "cascade",
+            "kind": "cascade", "prior_samples": prior_samples, "shortlist": shortlist, "z": z, "schedule": mode,
+            "t_range": None, "weighting": "uniform",
+            "accuracy": float((pred == labels).float().mean()),
+            "shortlist_recall": float((top == labels[:, None]).any(1).float().mean()),
+            "pixel_evals_per_image": pixel, "prior_evals_per_image": prior,
+            "evals_per_image": pixel + prior, "cost_weighted_evals_per_image": pixel + ratio * prior,
+            "prior_cost": ratio, "pixel_evals_max": int(xev.max()),
+            "seconds_per_image": pixel * cost["pixel_seconds_per_eval"] + prior * cost["prior_seconds_per_eval"],
+            "predictions": pred.tolist()}
+
+
+def naive_points(table: torch.Tensor, labels: torch.Tensor, method: str, budgets: list[int], cost: dict,
+                 tag: str = "") -> list[dict]:
+    """The default naive points of ``method`` (uniform / x0 weights, whole timestep range) on a table;
+    cost-weighted evaluations in pixel-evaluation units (a prior evaluation is ``prior_over_pixel``)."""
+    N, C, K = table.shape
+    unit = 1.0 if method == "diffusion" else cost["prior_over_pixel"]
+    seconds = cost["pixel_seconds_per_eval" if method == "diffusion" else "prior_seconds_per_eval"]
+    out = []
+    for b in budgets:
+        r = replay(table, torch.ones(K, dtype=torch.float64), [(b, C)], "top-k", labels)
+        out.append({"label": f"{method} naive {b}{tag}", "method": method, "kind": "naive", "t_range": None,
+                    "weighting": "uniform" if method == "diffusion" else "x0", "samples": b, **r,
+                    "cost_weighted_evals_per_image": r["evals_per_image"] * unit,
+                    "seconds_per_image": r["evals_per_image"] * seconds})
+    return out
+
+
+def _vs(q: dict, ref: dict, labels: torch.Tensor) -> dict:
+    """A point's paired comparison with the pixel naive reference, both evaluation ratios included."""
+    out = {"reference": ref["label"], **paired(q["predictions"], ref["predictions"], labels),
+           "evals_ratio": ref["evals_per_image"] / q["evals_per_image"]}
+    if "cost_weighted_evals_per_image" in q:
+        out["cost_weighted_ratio"] = ref["evals_per_image"] / q["cost_weighted_evals_per_image"]
+    return out
+
+
+def cascade_study(pixel_table: torch.Tensor, prior_table: torch.Tensor, data, args, cost: dict, tag: str = "") -> dict:
+    """Choose the cascade's settings on the selection half, measure them on the test half.
+
+    Selection: every (prior pairs K_p, shortlist k, confidence z) of the ``--cascade-*`` grids is
+    replayed on the selection half; the pixel naive reference of that half is
+    :func:`naive_reference` over its naive budgets; among the settings at least as accurate as that
+    reference (no tolerance, to leave the test's 1 point for the selection's optimism), the one with
+    the fewest denoiser evaluations per image (pixel + prior, each one) is "chosen by evaluations", the
+    one with the fewest cost-weighted evaluations is "chosen by cost". Test: the chosen settings, the
+    pixel naive budgets and the prior naive budgets, on the test half only.
+    """
+    sel, test = split_halves(data)
+    K = prior_table.shape[2]
+    budgets = [int(b) for b in args.budgets.split(",") if int(b) <= K]
+    grid = [(kp, k, z) for kp in (int(v) for v in args.cascade_prior_samples.split(",")) if kp <= K
+            for k in (int(v) for v in args.cascade_shortlist.split(","))
+            for z in (float(v) for v in args.cascade_confidence.split(","))]
+    y = data.labels
+    out = {"rule": "image CLASS_FOLDER/FILE_NAME: crc32 even -> selection half, odd -> test half",
+           "selection": len(sel), "test": len(test),
+           "selection_rule": "among the grid settings whose selection-half accuracy is >= the selection half's pixel "
+                             "naive reference (no tolerance), the fewest evaluations per image: by denoiser "
+                             "evaluations (pixel + prior) and by cost-weighted pixel-equivalent evaluations",
+           "grid": {"prior_samples": args.cascade_prior_samples, "shortlist": args.cascade_shortlist,
+                    "z": args.cascade_confidence}}
+    if len(sel) == 0 or len(test) == 0:
+        out["note"] = "one half is empty: no cascade selection"
+        return out
+    sel_naive = naive_points(pixel_table[sel], y[sel], "diffusion", budgets, cost, tag)
+    ref = naive_reference(sel_naive, "diffusion")
+    sel_points = [cascade_point(prior_table[sel], pixel_table[sel], y[sel], kp, k, z, args, cost) for kp, k, z in grid]
+    ok = [q for q in sel_points if q["accuracy"] >= ref["accuracy"] - 1e-9]
+    for q in sel_naive + sel_points:
+        q.pop("predictions", None)
+    out["selection_reference"] = {k: ref[k] for k in ("label", "accuracy", "evals_per_image")}
+    out["selection_points"] = sel_naive + sel_points
+    if not ok:
+        out["note"] = "no grid setting reaches the selection half's naive reference accuracy: nothing chosen"
+        return out
+    by_count = min(ok, key=lambda q: (q["evals_per_image"], q["cost_weighted_evals_per_image"]))
+    by_cost = min(ok, key=lambda q: (q["cost_weighted_evals_per_image"], q["evals_per_image"]))
+    chosen = {}
+    for crit, q in (("evaluations", by_count), ("cost", by_cost)):
+        key = (q["prior_samples"], q["shortlist"], q["z"])
+        chosen.setdefault(key, []).append(crit)
+    out["chosen"] = [{"prior_samples": kp, "shortlist": k, "z": z, "selected_by": crits}
+                     for (kp, k, z), crits in chosen.items()]
+    test_points = naive_points(pixel_table[test], y[test], "diffusion", budgets, cost, tag)
+    test_points += naive_points(prior_table[test], y[test], "prior", budgets, cost)
+    for c in out["chosen"]:
+        q = cascade_point(prior_table[test], pixel_table[test], y[test], c["prior_samples"], c["shortlist"], c["z"],
+                          args, cost)
+        test_points.append({**q, "selected_by": c["selected_by"]})
+    tref = naive_reference(test_points, "diffusion")
+    for q in test_points:
+        q["vs_reference"] = _vs(q, tref, y[test])
+    for q in test_points:
+        q.pop("predictions", None)
+    out["test_reference"] = {k: tref[k] for k in ("label", "accuracy", "evals_per_image")}
+    out["test_points"] = test_points
+    return out
+
+
+def full_set_cascade(pixel_table, prior_table, data, args, cost, study: dict) -> list[dict]:
+    """The chosen cascade settings on every image (half of which chose them)."""
+    pts = []
+    for c in study.get("chosen") or []:
+        q = cascade_point(prior_table, pixel_table, data.labels, c["prior_samples"], c["shortlist"], c["z"], args, cost)
+        pts.append({**q, "selected_by": c["selected_by"]})
+    return pts
+
+
+def print_study(study: dict) -> None:
+    """The split, the choice on the selection half and the test half's table."""
+    print(f"cascade split: {study['rule']}; selection {study['selection']} images, test {study['test']} images")
+    if "chosen" not in study:
+        print("  " + study.get("note", "nothing chosen"))
+        return
+    ref = study["selection_reference"]
+    print(f"  selection half: pixel naive reference {ref['label']} {100 * ref['accuracy']:.1f}% at "
+          f"{ref['evals_per_image']:g} evals/image; chosen: " + "; ".join(
+              f"K_p={c['prior_samples']} k={c['shortlist']} z={c['z']:g} (by {' and '.join(c['selected_by'])})"
+              for c in study["chosen"]))
+    print(f"  test half ({study['test']} images): {'setting':<44} {'acc':>6} {'pixel':>7} {'prior':>6} {'total':>7} "
+          f"{'cost-w':>7} {'x(count)':>8} {'x(cost)':>8}")
+    for q in study["test_points"]:
+        v = q["vs_reference"]
+        print(f"  {'':<{len(str(study['test'])) + 19}}{q['label']:<44} {100 * q['accuracy']:6.1f} "
+              f"{q.get('pixel_evals_per_image', q['evals_per_image'] if q['method'] == 'diffusion' else 0):7.2f} "
+              f"{q.get('prior_evals_per_image', q['evals_per_image'] if q['method'] == 'prior' else 0):6.1f} "
+              f"{q['evals_per_image']:7.2f} {q['cost_weighted_evals_per_image']:7.2f} {v['evals_ratio']:8.2f} "
+              f"{v.get('cost_weighted_ratio', float('nan')):8.2f}")
+
+
+def cascade_check(md, data, prompts, args, device, cache: Path | None, n: int, chosen: dict,
+                  pixel_table: torch.Tensor, prior_table: torch.Tensor) -> dict:
+    """Run ``genvl classify --method cascade`` with the chosen settings for real on the first ``n``
+    images and compare with their replay on the tables: scores, shortlists and per-image pixel and
+    prior evaluations must agree."""
+    from genvl.classify import parse_adaptive
+    from genvl.classify.cascade import cascade_scores
+    from genvl.classify.montecarlo import adaptive_scores, table_row_error
+
+    mode = f"confidence:{chosen['z']:g}" + (f":{args.confidence_stages}" if args.confidence_stages else "")
+    schedule, rule = parse_adaptive(mode)
+    clf = load_classifier(md, "cascade", device=str(device), schedule=schedule, elimination=rule,
+                          shortlist=chosen["shortlist"], shortlist_samples=chosen["prior_samples"],
+                          batch_size=args.rows_per_forward)
+    clf.pixel.use_conditions(prompts, load_conditions(clf.pixel, prompts, cache))
+    images = data.pixels(clf.image_size)[:n]
+    real = clf.scores(images, prompts)
+    C, kp, Kx = len(prompts), chosen["prior_samples"], sum(m for m, _ in schedule)
+    ps, pev = adaptive_scores(n, C, [(kp, C)], torch.ones(kp, dtype=torch.float64),
+                              table_row_error(prior_table[:n]), 4096)
+    replayed, xev, top = cascade_scores(ps, chosen["shortlist"], schedule, torch.ones(Kx, dtype=torch.float64),
+                                        table_row_error(pixel_table[:n]), 4096, rule)
+    return {"images": n, "schedule": mode, "prior_samples": kp, "shortlist": chosen["shortlist"],
+            "same_predictions": bool(torch.equal(real.argmax(1), replayed.argmax(1))),
+            "same_shortlists": bool(torch.equal(clf.last_shortlist, top)),
+            "same_evals": bool(torch.equal(clf.last_pixel_evals, xev) and torch.equal(clf.last_prior_evals, pev)),
+            "max_abs_score_diff": float((real - replayed).abs().max()), **clf.evals_breakdown(C)}
 
 
 def replay_check(md, data, prompts, args, device, cache: Path | None, n: int) -> dict:
@@ -545,6 +806,11 @@ def main() -> None:
                    help="top-k adaptive schedules (samples:keep), ';'-separated")
     p.add_argument("--confidence", default="1,1.5,2,2.5,3", help="confidence-elimination z values, ','-separated")
     p.add_argument("--confidence-stages", default=None, help="pairs per racing round (default: the CLI's)")
+    p.add_argument("--cascade-prior-samples", default="1,2,4",
+                   help="cascade grid: the prior's pairs per class (K_p), ','-separated")
+    p.add_argument("--cascade-shortlist", default="2,3,4,5", help="cascade grid: classes kept by the prior (k)")
+    p.add_argument("--cascade-confidence", default="1,1.5,2,2.5,3",
+                   help="cascade grid: the pixel race's confidence z values")
     p.add_argument("--t-ranges", default="0-1000;50-900",
                    help="diffusion timestep ranges lo-hi, ';'-separated (one error table each); 50-900 is the "
                    "confidence mode's range for 1000 steps")
@@ -591,7 +857,7 @@ def main() -> None:
             p.error(f"{md.path} supports {methods}, not {unknown}")
         methods = [m for m in methods if m in wanted]
     cache = Path(args.cache) if args.cache else None
-    points, costs = [], {}
+    points, costs, tables = [], {}, {}
     cost = None
     if "diffusion" in methods:
         cost = prior_pixel_cost(md, device, args.rows_per_forward, args.repeats)
@@ -602,9 +868,9 @@ def main() -> None:
         if m in ("diffusion", "prior"):
             if cost is None:  # prior without a decoder: time the prior alone
                 cost = {"prior_seconds_per_eval": float("nan"), "pixel_seconds_per_eval": float("nan")}
-            pts, costs[m] = diffusion_points(md, data, prompts, args, device, cache, m,
-                                             cost["pixel_seconds_per_eval" if m == "diffusion" else
-                                                  "prior_seconds_per_eval"])
+            pts, costs[m], tables[m] = diffusion_points(md, data, prompts, args, device, cache, m,
+                                                        cost["pixel_seconds_per_eval" if m == "diffusion" else
+                                                             "prior_seconds_per_eval"])
         else:
             clf = load_classifier(md, m, device=str(device))
             pts = [{"label": m, "method": m, "kind": m, **run_point(clf, data, prompts, args.batch)}]
@@ -612,13 +878,32 @@ def main() -> None:
             points.append(r)
             print(f"{r['label']:<44} acc {r['accuracy']:.3f}  evals/img {r['evals_per_image']:8.2f}  "
                   f"s/img {r['seconds_per_image']:.4f}", flush=True)
+    study = full_range = None
+    if "diffusion" in methods and "prior" in methods:
+        full_range = max((r for r in tables["diffusion"] if r[0] == 0), key=lambda r: r[1], default=None)
+    if full_range is not None:
+        pixel_table, prior_table = tables["diffusion"][full_range], tables["prior"][None]
+        study = cascade_study(pixel_table, prior_table, data, args, cost, f" t {full_range[0]}-{full_range[1]}")
+        points += full_set_cascade(pixel_table, prior_table, data, args, cost, study)
+        print_study(study)
     add_paired(points, data.labels)
-    tp = check = None
+    for r in points:
+        if r["method"] == "cascade":
+            print(f"{r['label']:<44} acc {r['accuracy']:.3f}  evals/img {r['evals_per_image']:8.2f} "
+                  f"(pixel {r['pixel_evals_per_image']:.2f} + prior {r['prior_evals_per_image']:.0f}; cost-weighted "
+                  f"{r['cost_weighted_evals_per_image']:.2f})  all {len(data)} images", flush=True)
+    tp = check = ccheck = None
     if "diffusion" in methods:
         if args.check:
             check = replay_check(md, data, prompts, args, device, cache, min(args.check, len(data)))
             print(f"replay check on {check['images']} images: same predictions {check['same_predictions']}, same "
                   f"evaluations {check['same_evals']}, max |score diff| {check['max_abs_score_diff']:.3g}")
+            if study and study.get("chosen"):
+                ccheck = cascade_check(md, data, prompts, args, device, cache, min(args.check, len(data)),
+                                       study["chosen"][0], pixel_table, prior_table)
+                print(f"cascade check on {ccheck['images']} images: same predictions {ccheck['same_predictions']}, "
+                      f"same shortlists {ccheck['same_shortlists']}, same evaluations {ccheck['same_evals']}, max "
+                      f"|score diff| {ccheck['max_abs_score_diff']:.3g}")
         tp = throughput(load_classifier(md, "diffusion", device=str(device)), args.rows, args.repeats)
         print(f"throughput: batched scoring {tp['scoring_rows_per_s']:.1f} rows/s, plain forward "
               f"{tp['plain_forward_rows_per_s']:.1f} rows/s (scoring / plain = {tp['overhead']:.2f})")
@@ -631,7 +916,7 @@ def main() -> None:
            "device_name": device_name(device), "torch": torch.__version__, "config": vars(args),
            "model": str(md.path), "data": str(args.data), "n": len(data), "classes": data.classes,
            "table_seconds_per_row": costs, "points": points, "replay_check": check, "prior_vs_pixel": cost,
-           "throughput": tp}
+           "throughput": tp, "cascade_split": study, "cascade_check": ccheck}
     out["goals"] = zero_shot_goals(out)
     out["rows"] = points
     for g in out["goals"]:
@@ -660,8 +945,13 @@ def plot(points: list[dict], methods: list[str], data, args, device) -> None:
         groups.setdefault(f"{q['method']} {q['kind']}{tr}" if q["kind"] != q["method"] else q["method"], []).append(q)
     for name, pts in groups.items():
         pts = sorted(pts, key=lambda q: q["evals_per_image"])
-        style = {"naive": "o-", "top-k": "s--", "confidence": "^-"}.get(pts[0]["kind"], "D")
-        ax.plot([q["evals_per_image"] for q in pts], [q["accuracy"] for q in pts], style, label=name, ms=4)
+        style = {"naive": "o-", "top-k": "s--", "confidence": "^-", "cascade": "*"}.get(pts[0]["kind"], "D")
+        label = name + (" (pixel + prior evaluations)" if pts[0]["kind"] == "cascade" else "")
+        ax.plot([q["evals_per_image"] for q in pts], [q["accuracy"] for q in pts], style, label=label,
+                ms=9 if pts[0]["kind"] == "cascade" else 4)
+        if pts[0]["kind"] == "cascade":
+            ax.plot([q["cost_weighted_evals_per_image"] for q in pts], [q["accuracy"] for q in pts], "*",
+                    mfc="none", ms=9, label=name + " (cost-weighted, pixel units)")
     ax.axhline(1 / len(data.classes), color="gray", lw=0.8, ls=":", label="chance")
     ax.set_xscale("log")
     ax.set_xlabel("model evaluations per image")

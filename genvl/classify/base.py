@@ -24,10 +24,11 @@ from genvl.tokenizers.text import check_text
 #   ELBO term (Ho et al. 2020, Li et al. 2023); a class difference of 1e-3 per pixel is ~3 nats at
 #   32 px, so T = 2 (the ELBO's 1/2) keeps probabilities decisive without being one-hot.
 # - prior: -E ||x0 - x0_theta||^2 summed over the D normalised embedding dims; T = 2 likewise.
+# - cascade: the pixel diffusion scores on the prior's shortlist; T = 2 as for diffusion.
 # These give non-uniform probabilities on the tiny test models (tests/classify); fit the
 # temperature of a trained model on held-out labelled images with :func:`fit_temperature`
 # (``genvl evaluate zero-shot`` reports it and the calibrated ECE).
-DEFAULT_TEMPERATURES: dict[str, float] = {"clip": 1.0, "ar": 1.0, "diffusion": 2.0, "prior": 2.0}
+DEFAULT_TEMPERATURES: dict[str, float] = {"clip": 1.0, "ar": 1.0, "diffusion": 2.0, "prior": 2.0, "cascade": 2.0}
 
 
 class Scorer(Protocol):

@@ -203,10 +203,21 @@ class DiffusionClassifier:
     @torch.no_grad()
     def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(N, 3, H, W) images in [-1, 1], C prompts -> (N, C) scores -E||eps - eps_theta||^2."""
+        return self.scores_with_conditions(images, self.conditions(prompts))
+
+    def conditions(self, prompts: list[str]) -> ClassConditions:
+        """The C prompts' decoder conditions, computed once per prompt list and reused."""
         key = tuple(prompts)
-        if self._cond_key != key:  # the class conditions are computed once per prompt list
+        if self._cond_key != key:
             self._cond, self._cond_key = self.conditioner(list(prompts)), key
-        return self.scores_with_conditions(images, self._cond)
+        return self._cond
+
+    def use_conditions(self, prompts: list[str], cond: ClassConditions) -> None:
+        """Score ``prompts`` with the given conditions from now on (e.g. ones computed before and
+        stored), instead of running the conditioner."""
+        if cond.image_embeds.shape[0] != len(prompts):
+            raise GenvlError(f"{cond.image_embeds.shape[0]} class conditions for {len(prompts)} prompts")
+        self._cond, self._cond_key = cond, tuple(prompts)
 
     @torch.no_grad()
     def scores_with_conditions(self, images: torch.Tensor, cond: ClassConditions) -> torch.Tensor:

@@ -13,7 +13,7 @@ from genvl.cli.common import (
     write_json,
 )
 from genvl.errors import GenvlError
-from genvl.limits import MAX_SAMPLES
+from genvl.limits import MAX_CLASSES, MAX_SAMPLES
 from genvl.runtime import (
     CLASSIFY_DEFAULTS,
     choose_device,
@@ -47,7 +47,14 @@ def classify_options(args) -> dict:
     from genvl.classify import parse_adaptive
 
     schedule, elimination = parse_adaptive(args.schedule) if getattr(args, "schedule", None) else (None, None)
-    return {"samples": args.samples, "schedule": schedule, "elimination": elimination, "seed": args.seed}
+    opts = {"samples": args.samples, "schedule": schedule, "elimination": elimination, "seed": args.seed}
+    shortlist, shortlist_samples = getattr(args, "shortlist", None), getattr(args, "shortlist_samples", None)
+    if shortlist is not None or shortlist_samples is not None:
+        methods = [m.strip() for m in (getattr(args, "methods", None) or args.method).split(",")]
+        if methods != ["cascade"]:
+            raise GenvlError("--shortlist and --shortlist-samples apply to --method cascade only")
+        opts.update(shortlist=shortlist, shortlist_samples=shortlist_samples)
+    return opts
 
 
 def cmd_classify(args) -> int:
@@ -71,13 +78,32 @@ def cmd_classify(args) -> int:
             print(f"  {c:<{width}}  {p:6.1%}")
         rows.append({"image": path, "prediction": res.classes[best], "probs": dict(zip(res.classes, probs))})
     print(f"method {args.method}: {res.evals_per_image:g} model evaluations per image, temperature {res.temperature:g}")
+    extra = {}
+    if hasattr(clf, "evals_breakdown"):  # the cascade: pixel and prior evaluations apart
+        extra["evals"] = clf.evals_breakdown(len(classes))
+        e = extra["evals"]
+        print(f"  {e['pixel']:g} pixel-decoder + {e['prior']:g} prior evaluations per image; cost-weighted "
+              f"{e['cost_weighted']:.3g} pixel-evaluation equivalents (a prior evaluation costs {e['prior_cost']:g})")
     if args.json:
         write_json(args, {"method": args.method, "evals_per_image": res.evals_per_image,
-                           "temperature": res.temperature, "results": rows})
+                           "temperature": res.temperature, **extra, "results": rows})
     return 0
 
 
 # ----------------------------------------------------------------------------------------- parser
+def add_shortlist_args(parser, prefix: str = "") -> None:
+    """The cascade's options (``--method cascade``), shared by classify and evaluate zero-shot."""
+    from genvl.classify.cascade import CASCADE_DEFAULTS
+
+    parser.add_argument("--shortlist", type=limited(MAX_CLASSES, "classes", lo=2), metavar="K",
+                        help=f"{prefix}cascade: classes per image the prior keeps for the pixel decoder (default "
+                        f"{CASCADE_DEFAULTS['shortlist']}); --samples / --schedule set the pixel stage (default "
+                        f"--schedule {CASCADE_DEFAULTS['schedule']})")
+    parser.add_argument("--shortlist-samples", type=limited(MAX_SAMPLES, "samples per class"), metavar="N",
+                        help=f"{prefix}cascade: the prior's (t, noise) samples per class (default "
+                        f"{CASCADE_DEFAULTS['prior_samples']})")
+
+
 def add_parsers(sub) -> None:
     """Add ``classify`` to the subcommands ``sub``."""
     k = sub.add_parser("classify", help="zero-shot classify images", formatter_class=Formatter,
@@ -87,14 +113,17 @@ def add_parsers(sub) -> None:
     k.add_argument("--classes", help="comma-separated class names, e.g. \"a cat,a dog\"")
     k.add_argument("--classes-file", help="file with one class name per line")
     k.add_argument("--template", help="prompt template with {} for the class name, e.g. \"a photo of a {}\"")
-    k.add_argument("--method", choices=["clip", "diffusion", "prior", "ar"], default=CLASSIFY_DEFAULTS["method"],
-                   help="scoring method")
+    k.add_argument("--method", choices=["clip", "diffusion", "prior", "ar", "cascade"],
+                   default=CLASSIFY_DEFAULTS["method"],
+                   help="scoring method; cascade: the prior shortlists the likeliest classes, the pixel decoder's "
+                   "confidence race decides among them")
     k.add_argument("--samples", type=limited(MAX_SAMPLES, "samples per class"),
                    help="diffusion / prior: (t, noise) samples per class "
                    "(default 32 / 64)")
     k.add_argument("--schedule", help="diffusion / prior: adaptive elimination: \"confidence\" (racing on paired "
                    "confidence bounds, each image stops once decided; confidence:Z sets the bound width, default 2) "
                    "or samples:keep per stage, e.g. 8:5,32:1")
+    add_shortlist_args(k)
     k.add_argument("--seed", type=seed_arg, default=CLASSIFY_DEFAULTS["seed"],
                    help="seed of the shared (t, noise) samples")
     k.add_argument("--temperature", type=float, help="softmax temperature (default: the model's fitted one, else "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from genvl.cli.classify import classify_options
+from genvl.cli.classify import add_shortlist_args, classify_options
 from genvl.cli.common import (
     Formatter,
     fill_sample_defaults,
@@ -152,6 +152,8 @@ def _evaluate_zero_shot(args) -> int:
         temp = classify_temperature(md, m, args.temperature)
         met = zero_shot_metrics(scores, data.labels, data.classes, temp)
         t_fit, ece_cal = cross_fit_temperature(scores, data.labels)
+        if hasattr(clf, "evals_breakdown"):  # the cascade: pixel and prior evaluations apart, cost-weighted total
+            met["evals"] = clf.evals_breakdown(len(prompts))
         results[m] = {**met, "evals_per_image": clf.evals_per_image(len(prompts)), "seconds": seconds,
                       "seconds_per_image": seconds / n, "temperature": temp, "temperature_fitted": t_fit,
                       "ece_calibrated": ece_cal}
@@ -169,7 +171,8 @@ def _evaluate_zero_shot(args) -> int:
             print(f"  {c:<{width}}  {'-' if acc is None else f'{acc:.3f}':>6}  {cells}")
     out = {"kind": "zero-shot", "model": str(md.path), "data": str(args.data), "n": n, "classes": data.classes,
            "prompts": prompts, "skipped": len(data.skipped), "device": device, "methods": results,
-           "settings": {"samples": args.samples, "schedule": args.schedule, "seed": args.seed, "template": args.template}}
+           "settings": {"samples": args.samples, "schedule": args.schedule, "seed": args.seed, "template": args.template,
+                        "shortlist": args.shortlist, "shortlist_samples": args.shortlist_samples}}
     if args.json:
         write_json(args, out)
     if args.record:
@@ -350,14 +353,15 @@ def add_parsers(sub) -> None:
     e.add_argument("--seed", type=seed_arg, default=0, help="generation: first seed (prompt i uses seed + i)")
     e.add_argument("--json", help="write the results to this JSON file (an existing one is an error)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    e.add_argument("--method", choices=["clip", "diffusion", "prior", "ar"], default="clip",
-                   help="zero-shot: scoring method")
+    e.add_argument("--method", choices=["clip", "diffusion", "prior", "ar", "cascade"], default="clip",
+                   help="zero-shot: scoring method (cascade: prior shortlist, then the pixel decoder)")
     e.add_argument("--methods", help="zero-shot: comma-separated methods, or 'all' (every method the model supports)")
     e.add_argument("--template", help="zero-shot: prompt template with {} for the class name")
     e.add_argument("--samples", type=limited(MAX_SAMPLES, "samples per class"),
                    help="zero-shot diffusion / prior: (t, noise) samples per class")
     e.add_argument("--schedule", help="zero-shot diffusion / prior: adaptive elimination, confidence[:Z] or "
                    "samples:keep stages, e.g. 8:5,32:1")
+    add_shortlist_args(e, "zero-shot ")
     e.add_argument("--temperature", type=float, help="zero-shot: softmax temperature (default: model's / method's)")
     e.add_argument("--limit", type=positive_int, help="use only the first N pairs")
     e.add_argument("--batch-size", type=limited(MAX_BATCH_SIZE, "rows per batch"), default=64)
