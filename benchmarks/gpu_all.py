@@ -185,6 +185,8 @@ PARTS: tuple[Part, ...] = (
     Part(name="custom_set", title="text-to-image on Fashion-MNIST, judged by an independent classifier",
          script="custom_set.py", cap_s=0, dry_cap_s=0, unavailable="needs Debian's dataset-fashion-mnist files and an 18-55 minute "
                                              "training budget: not part of an eight-minute run"),
+    Part(name="cpu_sampling", title="genvl sample on a 2-core CPU: old vs new demo defaults", script="cpu_sampling.py",
+         cap_s=0, dry_cap_s=0, unavailable="a CPU benchmark (2 cores, 25-45 minutes), not part of the GPU plan"),
     Part(name="selftest-fail", title="a part that fails on purpose", script=None, default=False, cap_s=10,
          dry_cap_s=10, why="checks that a failure is recorded and the run goes on",
          command=(sys.executable, "-c", "import sys; print('selftest-fail: failing on purpose', flush=True); "

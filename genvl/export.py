@@ -32,11 +32,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from genvl.errors import ModelDirError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["EXPORT_FORMATS", "export_model", "export_component", "import_component", "import_model"]
 
@@ -115,6 +116,7 @@ def _sr(model, out: Path, tokenizer) -> dict[str, Any]:
 
 
 def _vqvae(model, out: Path, tokenizer) -> dict[str, Any]:
+    import torch
     from diffusers import VQModel
 
     c = model.config
@@ -220,6 +222,7 @@ def _library_key(name: str, key: str, model=None) -> str | None:
 def _write_genvl_side(model, name: str, out: Path) -> None:
     """What turns the exported library model back into the genvl component: its class and config
     (``genvl_component.json``) and the weights the library model does not hold (``genvl_extra.safetensors``)."""
+    import torch
     from safetensors.torch import save_file
 
     from genvl.config import to_dict

@@ -113,7 +113,7 @@ def cmd_sample(args) -> int:
 
     pipe = UnclipPipeline.from_pretrained(open_model(args.model, "sampling"), device=device)
     pipe.name = str(model_path)
-    given = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "coarse_start")}
+    given = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "coarse_start", "sr_steps")}
     common = dict(seed=args.seed, size=args.size, progress=not args.no_progress, **given)
     if args.variations:
         img = _load_image_arg(args.variations)
@@ -161,7 +161,7 @@ def _sample_external(args, path: Path, device: str) -> int:
     pipe = ExternalPipeline.from_dir(path, device=device)
     images = pipe.generate(args.prompt, num_images=args.num_images, steps=args.steps, prior_steps=args.prior_steps,
                            guidance=args.guidance, prior_guidance=args.prior_guidance, seed=args.seed,
-                           size=args.size, progress=not args.no_progress)
+                           size=args.size, sr_steps=args.sr_steps, progress=not args.no_progress)
     meta = {"model": str(path), "method": f"external:{pipe.kind}", "prompt": args.prompt, "seed": args.seed,
             "steps": args.steps, "prior_steps": args.prior_steps, "guidance": args.guidance,
             "prior_guidance": args.prior_guidance}
@@ -292,6 +292,8 @@ def add_sample_parser(sub) -> None:
     s.add_argument("--fast", action="store_true", help="--method ar on CUDA: static KV cache + CUDA graphs "
                    "(compiles on first use)")
     s.add_argument("--scheduler", help="ddpm, ddim or dpm++ (default: model's, else ddim)")
+    s.add_argument("--sr-steps", type=limited(MAX_STEPS, "steps"), help="super-resolution diffusion steps, with "
+                   "the decoder's scheduler (default: the model's, else 25; models without the stage ignore it)")
     s.add_argument("--size", type=int, help="output size in pixels (default: the model's)")
     s.add_argument("--prompt-file", metavar="DOC.jsonl", help="--method interleaved: prompt documents of text and "
                    "images (interleaved JSONL, one per line)")

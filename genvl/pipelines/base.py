@@ -12,8 +12,10 @@ from PIL import Image
 
 # Sampling settings when neither the caller nor the model directory's genvl.json ("sampling": the
 # settings recommended for that model) gives them.
+# ``sr_steps``: the super-resolution stage's denoising steps (models without one ignore it); it
+# runs with the decoder's ``scheduler``.
 SAMPLE_DEFAULTS: dict[str, Any] = {"steps": 50, "prior_steps": 25, "guidance": 3.0, "prior_guidance": 4.0,
-                                   "scheduler": "ddim", "prior_candidates": 1, "coarse_start": 1.0}
+                                   "scheduler": "ddim", "prior_candidates": 1, "coarse_start": 1.0, "sr_steps": 25}
 
 
 def resolve_settings(recommended: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

@@ -104,11 +104,14 @@ class UnclipPipeline(Pipeline):
             return float(given)
         return 1.0 if start_set or given is not None else s["coarse_start"]
 
-    def _record(self, method: str, s: dict, seed: int | None, coarse: float, **extra) -> dict[str, Any]:
+    def _record(self, method: str, s: dict, seed: int | None, coarse: float, superres: bool = False,
+                **extra) -> dict[str, Any]:
         rec = {"model": self.name, "method": method, "seed": seed, "steps": s["steps"], "guidance": s["guidance"],
                "scheduler": s["scheduler"]}
         if coarse < 1.0:
             rec["coarse_start"] = coarse
+        if superres:
+            rec["sr_steps"] = s["sr_steps"]
         rec.update(extra)
         return rec
 
@@ -128,6 +131,7 @@ class UnclipPipeline(Pipeline):
         prior_candidates: int | None = None,
         scheduler: str | None = None,
         coarse_start: float | None = None,
+        sr_steps: int | None = None,
         size: int | None = None,
         image=None,
         strength: float | None = None,
@@ -140,8 +144,9 @@ class UnclipPipeline(Pipeline):
             prompt: one prompt or a list.
             num_images: images per prompt.
             seed / generator: the source of randomness (a random seed, reported back, when neither).
-            steps, guidance, prior_steps, prior_guidance, prior_candidates, scheduler, coarse_start:
-                sampling settings (None: the model's recommended ones).
+            steps, guidance, prior_steps, prior_guidance, prior_candidates, scheduler, coarse_start, sr_steps:
+                sampling settings (None: the model's recommended ones; ``sr_steps``: the
+                super-resolution stage's steps, when it runs).
             size: output size: the decoder's, or the super-resolution stage's (None: the largest).
             image: image-to-image: a PIL image or a tensor in [-1, 1] (one, or one per prompt); the
                 decoder starts from it noised to ``strength`` of its schedule.
@@ -150,8 +155,9 @@ class UnclipPipeline(Pipeline):
             progress: tqdm bars (when no callback).
         """
         s = self.settings(steps=steps, guidance=guidance, prior_steps=prior_steps, prior_guidance=prior_guidance,
-                          prior_candidates=prior_candidates, scheduler=scheduler)
+                          prior_candidates=prior_candidates, scheduler=scheduler, sr_steps=sr_steps)
         coarse = self._coarse(s, coarse_start, image is not None)
+        superres = self._superres(size)
         extra = {}
         if image is not None:
             extra = {"image": image, "strength": DEFAULT_STRENGTH if strength is None else strength}
@@ -160,10 +166,10 @@ class UnclipPipeline(Pipeline):
         out = unclip.text_to_image(
             self.components, prompt, num_images=num_images, steps=s["steps"], prior_steps=s["prior_steps"],
             guidance=s["guidance"], prior_guidance=s["prior_guidance"], scheduler=s["scheduler"],
-            prior_candidates=s["prior_candidates"], superres=self._superres(size), seed=seed, generator=generator,
-            progress=callback or progress, coarse_start=coarse, **extra)
+            prior_candidates=s["prior_candidates"], superres=superres, sr_steps=s["sr_steps"], seed=seed,
+            generator=generator, progress=callback or progress, coarse_start=coarse, **extra)
         prompts = {"prompt": prompt} if isinstance(prompt, str) else {"prompts": list(prompt)}
-        rec = self._record("unclip", s, out.seed, coarse, **prompts, prior_steps=s["prior_steps"],
+        rec = self._record("unclip", s, out.seed, coarse, superres, **prompts, prior_steps=s["prior_steps"],
                            prior_guidance=s["prior_guidance"], prior_candidates=s["prior_candidates"])
         if image is not None:
             rec["strength"] = extra["strength"]
@@ -182,6 +188,7 @@ class UnclipPipeline(Pipeline):
         guidance: float | None = None,
         scheduler: str | None = None,
         coarse_start: float | None = None,
+        sr_steps: int | None = None,
         size: int | None = None,
         callback: Callback | None = None,
         progress: bool = False,
@@ -190,13 +197,14 @@ class UnclipPipeline(Pipeline):
 
         ``invert``: start from the image's DDIM-inverted noise, which keeps its layout too.
         """
-        s = self.settings(steps=steps, guidance=guidance, scheduler=scheduler)
+        s = self.settings(steps=steps, guidance=guidance, scheduler=scheduler, sr_steps=sr_steps)
         coarse = self._coarse(s, coarse_start, invert)
+        superres = self._superres(size)
         out = unclip.variations(self.components, image, num_images=num_images, steps=s["steps"],
                                 guidance=s["guidance"], scheduler=s["scheduler"], invert=invert, seed=seed,
-                                generator=generator, superres=self._superres(size), progress=callback or progress,
-                                coarse_start=coarse)
-        rec = self._record("unclip", s, out.seed, coarse, invert=invert)
+                                generator=generator, superres=superres, sr_steps=s["sr_steps"],
+                                progress=callback or progress, coarse_start=coarse)
+        rec = self._record("unclip", s, out.seed, coarse, superres, invert=invert)
         return PipelineOutput(to_pil_images(out.images), out.images, rec, out.image_embeds)
 
     @torch.no_grad()
@@ -213,6 +221,7 @@ class UnclipPipeline(Pipeline):
         prior_guidance: float | None = None,
         scheduler: str | None = None,
         coarse_start: float | None = None,
+        sr_steps: int | None = None,
         size: int | None = None,
         callback: Callback | None = None,
         progress: bool = False,
@@ -220,12 +229,13 @@ class UnclipPipeline(Pipeline):
         """``frames`` images along the great circle between two prompts or images (PIL or tensors)
         in CLIP image space, all from the same decoder noise."""
         s = self.settings(steps=steps, guidance=guidance, prior_steps=prior_steps, prior_guidance=prior_guidance,
-                          scheduler=scheduler)
+                          scheduler=scheduler, sr_steps=sr_steps)
         coarse = self._coarse(s, coarse_start, False)
+        superres = self._superres(size)
         out = unclip.interpolate(self.components, a, b, frames=frames, steps=s["steps"], guidance=s["guidance"],
                                  prior_steps=s["prior_steps"], prior_guidance=s["prior_guidance"],
-                                 scheduler=s["scheduler"], seed=seed, superres=self._superres(size),
+                                 scheduler=s["scheduler"], seed=seed, superres=superres, sr_steps=s["sr_steps"],
                                  progress=callback or progress, coarse_start=coarse)
-        rec = self._record("unclip", s, out.seed, coarse, frames=frames, prior_steps=s["prior_steps"],
+        rec = self._record("unclip", s, out.seed, coarse, superres, frames=frames, prior_steps=s["prior_steps"],
                            prior_guidance=s["prior_guidance"])
         return PipelineOutput(to_pil_images(out.images), out.images, rec, out.image_embeds)

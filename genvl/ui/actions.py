@@ -78,7 +78,8 @@ class StepTracker:
 
 
 def _sr_steps(pipe) -> int:
-    return 25 if pipe.components.sr is not None else 0  # the pipelines' default sr_steps
+    """Super-resolution steps of a run with the pipeline's settings (0 without a super-res stage)."""
+    return int(pipe.settings().get("sr_steps", 25)) if pipe.components.sr is not None else 0
 
 
 # ------------------------------------------------------------------------------------- results

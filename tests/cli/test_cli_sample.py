@@ -1,6 +1,8 @@
 """`genvl sample` end to end on a tiny random model directory: files, metadata, seeds, modes, errors."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +80,60 @@ def test_model_directory_recommends_sampling_settings(model_dir, tmp_path, capsy
     got = read_png_metadata(tmp_path / "b.png")
     assert (got["steps"], got["scheduler"], got["guidance"]) == (3, "ddim", 1.5)
     capsys.readouterr()
+
+
+def test_sr_steps_from_the_model_and_the_command_line(model_dir, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    meta = json.loads((d / "genvl.json").read_text())
+    meta["sampling"] = {"sr_steps": 2}
+    (d / "genvl.json").write_text(json.dumps(meta))
+    base = ["sample", "a red heart", "--model", str(d), "--num-images", "1", "--seed", "3", *FAST]
+    assert main([*base, "--out", str(tmp_path / "a.png")]) == 0
+    assert read_png_metadata(tmp_path / "a.png")["sr_steps"] == 2
+    assert main([*base, "--out", str(tmp_path / "b.png"), "--sr-steps", "4"]) == 0  # the command line wins
+    assert read_png_metadata(tmp_path / "b.png")["sr_steps"] == 4
+    assert not np.array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "b.png"))
+    assert main([*base, "--out", str(tmp_path / "c.png"), "--sr-steps", "4", "--size", "16"]) == 0
+    assert "sr_steps" not in read_png_metadata(tmp_path / "c.png")  # no super-resolution ran
+    with pytest.raises(SystemExit) as bad:
+        main([*base, "--out", str(tmp_path / "d.png"), "--sr-steps", "0"])
+    assert bad.value.code == 2 and "--sr-steps: expected a positive integer" in capsys.readouterr().err
+
+
+def test_the_command_lets_idle_openmp_threads_sleep_when_others_run(tmp_path):
+    from genvl.cli import others_running, passive_omp_waits
+
+    env: dict[str, str] = {}
+    assert passive_omp_waits(env, {}, busy=lambda: True) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {}
+    assert not passive_omp_waits(env, {}, busy=lambda: False) and env == {}  # an idle machine: libgomp's default
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert not passive_omp_waits(env, {}, busy=lambda: True) and env == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's
+    env = {}
+    assert not passive_omp_waits(env, {"torch": object()}, busy=lambda: True) and env == {}  # too late for libgomp
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("3.10 2.50 1.90 3/250 4242\n")  # this process and two others runnable
+    assert others_running(str(loadavg), interval_s=0)
+    loadavg.write_text("3.10 2.50 1.90 1/250 4242\n")  # only this process: a busy minute that has passed
+    assert not others_running(str(loadavg), interval_s=0)
+    assert not others_running(str(tmp_path / "absent"), interval_s=0)
+    # the command's module loads none of the heavy libraries, so main() runs before torch does
+    import subprocess
+    import sys
+
+    probe = ("import sys, contextlib, io, genvl.cli; heavy = ('torch', 'diffusers', 'transformers')\n"
+             "print([m for m in heavy if m in sys.modules])\n"
+             "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+             "    genvl.cli.main(['sample', '--help'])\n"
+             "print([m for m in heavy[1:] if m in sys.modules])")  # help loads no model library
+    root = str(Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env, cwd=root)
+    assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["[]", "[]"], (done.stdout, done.stderr)
 
 
 def test_grid_size_and_png_path(model_dir, tmp_path, capsys):

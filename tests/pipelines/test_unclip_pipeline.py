@@ -64,6 +64,34 @@ def test_same_seed_same_images_and_a_list_of_prompts_is_prompt_major(tiny):
     assert torch.equal(pipe("a red circle", num_images=2, generator=g, size=16).tensors, a.tensors)
 
 
+def test_sr_steps_come_from_the_call_then_the_model_and_only_count_with_the_stage(tiny):
+    pipe = UnclipPipeline.from_pretrained(tiny)
+    assert pipe.settings()["sr_steps"] == SAMPLE_DEFAULTS["sr_steps"]  # the tiny model recommends none
+    pipe.recommended["sr_steps"] = 3
+    runs: list[tuple[str, int, int]] = []
+
+    def steps_of(stage: str) -> int:
+        return max((i for s, i, _ in runs if s == stage), default=0)
+
+    out = pipe("a red circle", num_images=1, seed=2, callback=lambda *a: runs.append(a))
+    assert steps_of("super-res") == 3 and out.settings["sr_steps"] == 3
+    runs.clear()
+    out = pipe("a red circle", num_images=1, seed=2, sr_steps=2, callback=lambda *a: runs.append(a))
+    assert steps_of("super-res") == 2 and out.settings["sr_steps"] == 2 and out.images[0].size == (32, 32)
+    runs.clear()
+    out = pipe("a red circle", num_images=1, seed=2, sr_steps=2, size=16, callback=lambda *a: runs.append(a))
+    assert steps_of("super-res") == 0 and "sr_steps" not in out.settings  # no stage ran: nothing to record
+    photo = draw_shape("blue", "square", 32)
+    runs.clear()
+    v = pipe.variations(photo, seed=0, sr_steps=2, callback=lambda *a: runs.append(a))
+    assert steps_of("super-res") == 2 and v.settings["sr_steps"] == 2
+    runs.clear()
+    f = pipe.interpolate("a red circle", photo, frames=2, seed=0, callback=lambda *a: runs.append(a))
+    assert steps_of("super-res") == 3 and f.settings["sr_steps"] == 3
+    with pytest.raises(GenvlError, match="sr_steps must be a positive integer"):
+        pipe("a red circle", sr_steps=0)
+
+
 def test_image_to_image_strength_ends(tiny):
     pipe = UnclipPipeline.from_pretrained(tiny)
     photo = draw_shape("blue", "square", 16)
@@ -149,3 +177,23 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     for name in written:
         with Image.open(tmp_path / name) as im:
             assert im.size[0] >= 32 and np.asarray(im).std() > 5, name
+
+
+def test_pipelines_package_loads_each_method_on_first_use():
+    import os
+    import subprocess
+    import sys
+
+    import genvl.pipelines as pipelines
+
+    assert {n: getattr(pipelines, n).__name__ for n in ("ARPipeline", "InterleavedPipeline", "UnclipPipeline")} == {
+        "ARPipeline": "ARPipeline", "InterleavedPipeline": "InterleavedPipeline", "UnclipPipeline": "UnclipPipeline"}
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        pipelines.Nope  # noqa: B018
+    # genvl sample's unCLIP path leaves the token-LM modules of the other methods unloaded
+    probe = ("import sys; from genvl.pipelines import UnclipPipeline\n"
+             "print([m for m in ('genvl.pipelines.ar', 'genvl.pipelines.interleaved', 'genvl.models.interleaved', "
+             "'genvl.models.lm') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr)
