@@ -53,6 +53,16 @@ class PointMassDecoder(nn.Module):
         return (noisy - a.sqrt() * mu) / (1 - a).sqrt()
 
 
+def toy_case(C: int):
+    """C point-mass classes: images (C, 3, S, S) with image i of class i, their prompts, the toy
+    decoder, and the timestep weighting that flattens its class gap (SNR_t ||x - mu_c||^2)."""
+    templates = torch.randn(C, 3, S, S).clamp(-1, 1)
+    x = templates + 0.05 * torch.randn(C, 3, S, S)
+    toy = PointMassDecoder(templates)
+    a = toy.alphas_cumprod.double()
+    return x, [f"class {i}" for i in range(C)], toy, lambda t: (1 - a[t]) / a[t]
+
+
 class Counted:
     """A synthetic row error from an (N, C, K) table, counting the rows asked for per image."""
 
@@ -157,12 +167,7 @@ def test_parse_and_validate_elimination():
 def test_toy_decoder_confidence_agrees_with_full_budget_and_table_replay_is_exact():
     torch.manual_seed(3)
     C = 6
-    templates = torch.randn(C, 3, S, S).clamp(-1, 1)
-    x = templates + 0.05 * torch.randn(C, 3, S, S)  # image i is class i
-    prompts = [f"class {i}" for i in range(C)]
-    toy = PointMassDecoder(templates)
-    a = toy.alphas_cumprod.double()
-    x0_weight = lambda t: (1 - a[t]) / a[t]  # noqa: E731  the toy's class gap is SNR_t ||x - mu_c||^2: flatten it
+    x, prompts, toy, x0_weight = toy_case(C)
     naive = DiffusionClassifier(toy, fixed(torch.eye(8)), samples=16, batch_size=1000, weighting=x0_weight)
     race = DiffusionClassifier(toy, fixed(torch.eye(8)), schedule=racing([2, 2, 4, 8], C),
                                elimination="confidence", batch_size=1000, weighting=x0_weight)

@@ -14,7 +14,7 @@ from genvl.classify.montecarlo import CONFIDENCE_STAGES, Confidence, adaptive_sc
 from genvl.cli import main
 from genvl.errors import GenvlError
 
-from test_adaptive import Counted, PointMassDecoder, S, synthetic
+from test_adaptive import Counted, S, synthetic, toy_case
 
 RACE = [(n, 1000) for n in CONFIDENCE_STAGES]  # the CLI's confidence schedule: 16 pairs at most
 
@@ -79,12 +79,7 @@ def test_a_class_outside_the_shortlist_is_never_returned():
 def test_cascade_classifier_on_a_toy_decoder_counts_pixel_and_prior_apart():
     torch.manual_seed(3)
     C = 6
-    templates = torch.randn(C, 3, S, S).clamp(-1, 1)
-    x = templates + 0.05 * torch.randn(C, 3, S, S)  # image i is class i
-    prompts = [f"class {i}" for i in range(C)]
-    toy = PointMassDecoder(templates)
-    a = toy.alphas_cumprod.double()
-    x0_weight = lambda t: (1 - a[t]) / a[t]  # noqa: E731  (as in test_adaptive: flattens the toy's SNR gap)
+    x, prompts, toy, x0_weight = toy_case(C)  # image i is class i
     conds = lambda p: ClassConditions(image_embeds=torch.eye(8)[: len(p)])  # noqa: E731
     naive = DiffusionClassifier(toy, conds, samples=16, batch_size=1000, weighting=x0_weight)
     assert torch.equal(naive.scores(x, prompts).argmax(1), torch.arange(C))
