@@ -165,7 +165,7 @@ PARTS: tuple[Part, ...] = (
     Part(name="data_scale", title="data: streaming start-up / memory at 2,000 shards, prior from embeddings",
          script="data_scale.py", needs=("webdataset", "braceexpand"),
          gpu_args=("--shards", "10,2000", "--procs", "1", "--batches", "5", "--prior-steps", "10",
-                   "--prior-images", "256", "--work", "{work}/data_scale"),
+                   "--prior-images", "1024", "--work", "{work}/data_scale"),
          dry_args=("--shards", "2,4", "--procs", "1", "--batches", "1", "--batch-size", "2", "--prior-steps", "2",
                    "--prior-images", "8", "--prior-batch", "4", "--work", "{work}/data_scale"),
          cap_s=20, why="10 and 2,000 shards by one process (4 fresh interpreters), then the prior trained 10 steps "

@@ -58,8 +58,12 @@ def _front_matter(meta: dict) -> list[str]:
     return ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
 
 
-def write_card(path: str | Path, meta: dict) -> None:
-    """Generate README.md (the model card) from ``genvl.json``."""
+def write_card(path: str | Path, meta: dict, shown_as: str | Path | None = None) -> None:
+    """Generate README.md (the model card) from ``genvl.json``.
+
+    ``shown_as``: the directory the card's commands name (default ``path``), for a card written
+    in a staging folder before the directory is copied to where it is used.
+    """
     path = Path(path)
     lines = [*_front_matter(meta), f"# genvl model: {path.name}", ""]
     if meta.get("description"):
@@ -98,15 +102,16 @@ def write_card(path: str | Path, meta: dict) -> None:
             lines += ["| metric | value |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in rec.get("values", {}).items()]
             lines.append("")
-    usage = "genvl classify --method clip --model {p} --classes \"a cat,a dog\" IMAGE.png".format(p=path)
+    named = Path(shown_as) if shown_as is not None else path
+    usage = "genvl classify --method clip --model {p} --classes \"a cat,a dog\" IMAGE.png".format(p=named)
     if "clip" in meta["components"]:
-        use = [usage, f"genvl evaluate retrieval --model {path} --data IMAGE_FOLDER"]
+        use = [usage, f"genvl evaluate retrieval --model {named} --data IMAGE_FOLDER"]
         if "decoder" in meta["components"]:
-            use.insert(0, f'genvl sample "a red heart" --model {path} --num-images 4 --seed 0')
+            use.insert(0, f'genvl sample "a red heart" --model {named} --num-images 4 --seed 0')
         if "lm" in meta["components"]:
-            use[1:1] = [f'genvl sample --method ar "a red heart" --model {path} --num-images 4',
-                        f"genvl caption IMAGE.png --model {path}"]
+            use[1:1] = [f'genvl sample --method ar "a red heart" --model {named} --num-images 4',
+                        f"genvl caption IMAGE.png --model {named}"]
         if "interleaved" in meta["components"]:
-            use.insert(1, f'genvl sample --method interleaved "a red heart" --model {path} --seed 0')
+            use.insert(1, f'genvl sample --method interleaved "a red heart" --model {named} --seed 0')
         lines += ["## Use", "", "```", *use, "```", ""]
     write_file_atomic(path / "README.md", "\n".join(lines))

@@ -537,8 +537,9 @@ def model_dir_hash(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def write_model_card(path: str | Path, meta: dict) -> None:
-    """Generate README.md (the model card) from ``genvl.json`` (see :mod:`genvl.card`)."""
+def write_model_card(path: str | Path, meta: dict, shown_as: str | Path | None = None) -> None:
+    """Generate README.md (the model card) from ``genvl.json`` (see :mod:`genvl.card`); its commands
+    name ``shown_as`` (default ``path``)."""
     from genvl.card import write_card
 
-    write_card(path, meta)
+    write_card(path, meta, shown_as=shown_as)

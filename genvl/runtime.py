@@ -24,6 +24,13 @@ SAMPLE_OPTION_DEFAULTS: dict[str, Any] = {"num_images": 4, "seed": 0, "temperatu
 #: Starting values of ``genvl classify`` and the UI's Classify tab (samples None: the method's own default).
 CLASSIFY_DEFAULTS: dict[str, Any] = {"method": "clip", "samples": None, "seed": 0, "template": None}
 
+#: The cascade's defaults (``genvl classify --method cascade``): the prior's pairs per class K_p,
+#: the shortlist size k and the pixel stage's adaptive mode, chosen on the selection half of the
+#: emoji benchmark (benchmarks/zero_shot.py, ``cascade_split`` in
+#: benchmarks/results/zero_shot_emoji10.json): the fewest evaluations among the (K_p, k, z) settings
+#: at least as accurate as the pixel naive reference of that half, counted either way.
+CASCADE_DEFAULTS: dict[str, Any] = {"prior_samples": 1, "shortlist": 2, "schedule": "confidence:1"}
+
 
 def has_demo() -> bool:
     """Whether this install ships the built-in demo model."""

@@ -215,7 +215,7 @@ def main(argv=None) -> int:
                  f"({args.grid}), one row each, seed 0, at the default {out_px} px.")
     meta["description"] = meta["description"].partition("\n\n")[0] + extra
     write_meta(tmp, meta)
-    write_model_card(tmp, meta)
+    write_model_card(tmp, meta, shown_as=dest)
     size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 2**20
     if size > LIMIT_MB:
         shutil.rmtree(work)

@@ -32,18 +32,12 @@ import torch
 
 from genvl.classify.montecarlo import EvalLedger, RowError, Schedule, adaptive_scores
 from genvl.errors import GenvlError
+from genvl.runtime import CASCADE_DEFAULTS  # noqa: F401 - re-exported: the cascade's defaults live with the others
 
 #: Seconds of one prior evaluation over one pixel-decoder evaluation of the built-in demo model
 #: (batches of 80 rows, one CPU thread; ``prior_vs_pixel`` in benchmarks/results/zero_shot_emoji10.json).
 #: Another model or device has another ratio: pass the measured one as ``prior_cost``.
 PRIOR_PIXEL_COST = 0.076
-
-#: The cascade's defaults (``genvl classify --method cascade``): the prior's pairs per class K_p,
-#: the shortlist size k and the pixel stage's adaptive mode, chosen on the selection half of the
-#: emoji benchmark (benchmarks/zero_shot.py, ``cascade_split`` in
-#: benchmarks/results/zero_shot_emoji10.json): the fewest evaluations among the (K_p, k, z) settings
-#: at least as accurate as the pixel naive reference of that half, counted either way.
-CASCADE_DEFAULTS: dict[str, object] = {"prior_samples": 1, "shortlist": 2, "schedule": "confidence:1"}
 
 
 def check_shortlist(shortlist: int) -> int:

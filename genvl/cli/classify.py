@@ -93,7 +93,7 @@ def cmd_classify(args) -> int:
 # ----------------------------------------------------------------------------------------- parser
 def add_shortlist_args(parser, prefix: str = "") -> None:
     """The cascade's options (``--method cascade``), shared by classify and evaluate zero-shot."""
-    from genvl.classify.cascade import CASCADE_DEFAULTS
+    from genvl.runtime import CASCADE_DEFAULTS
 
     parser.add_argument("--shortlist", type=limited(MAX_CLASSES, "classes", lo=2), metavar="K",
                         help=f"{prefix}cascade: classes per image the prior keeps for the pixel decoder (default "

@@ -227,7 +227,7 @@ def _evaluate_generation(args) -> int:
     kwargs = dict(judge=judge, judge_tokenizer=judge_tok, num_images=args.num_images, seed=args.seed,
                   progress=not args.no_progress, steps=args.steps, prior_steps=args.prior_steps,
                   guidance=args.guidance, prior_guidance=args.prior_guidance, scheduler=args.scheduler,
-                  prior_candidates=args.prior_candidates, coarse_start=args.coarse_start)
+                  prior_candidates=args.prior_candidates, coarse_start=args.coarse_start, sr_steps=args.sr_steps)
     if prompts is None:
         res = evaluate_heldout(comps, reference, max_prompts=args.max_prompts, **kwargs)
         prompts = res["prompts"]
@@ -253,6 +253,8 @@ def _evaluate_generation(args) -> int:
                 "num_images": args.num_images}
     if args.coarse_start < 1.0:
         settings["coarse_start"] = args.coarse_start
+    if comps.sr is not None:
+        settings["sr_steps"] = args.sr_steps
     result = {"kind": "generation", "model": str(md.path), "judge": args.clip or "own", "reference": args.data,
               "prompt_source": "file" if args.prompts else "data", **res, "prompts": prompts, "metrics": metrics,
               "settings": settings}
@@ -350,6 +352,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--coarse-start", type=float, metavar="F",
                    help="generation: start the decoder from its coarse layout image at this noise fraction "
                         "(1 = from pure noise; default: model's, else 1)")
+    e.add_argument("--sr-steps", type=limited(MAX_STEPS, "steps"),
+                   help="generation: super-resolution steps, with an sr stage (default: model's, else 25)")
     e.add_argument("--seed", type=seed_arg, default=0, help="generation: first seed (prompt i uses seed + i)")
     e.add_argument("--json", help="write the results to this JSON file (an existing one is an error)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

@@ -482,8 +482,10 @@ def run_t2i(opts: T2IOptions, *, command: str = "", progress: bool = True, overw
 #: Sampling settings written into a new model's genvl.json ("sampling"). Decoder guidance measured on the
 #: README's set (the judge's accuracy on images decoded from held-out photos' own CLIP embeddings, 160
 #: images): 68% at 1 (none), 72% at 1.25, 62% at 1.5, 44% at 2, 25% at 3, 13% at 6: a decoder trained
-#: for minutes draws washed-out images under stronger guidance.
-RECOMMENDED = {"steps": 50, "prior_steps": 25, "guidance": 1.25, "prior_guidance": 2.0, "scheduler": "ddim",
+#: for minutes draws washed-out images under stronger guidance. DPM-Solver++ with 15 decoder and 10 prior
+#: steps judged as well as DDIM 50 / 25 on that set's scratch models (91.4% against 89.8% after 18
+#: minutes, 92.8% against 92.2% after 55; 500 images each) in a third of the time.
+RECOMMENDED = {"steps": 15, "prior_steps": 10, "guidance": 1.25, "prior_guidance": 2.0, "scheduler": "dpm++",
                "prior_candidates": 1}
 
 
@@ -501,6 +503,8 @@ def finish(out: Path, plan: Plan, opts: T2IOptions, command: str = "", progress:
         sampling.update(base_sampling)
         if not md.load("decoder").config.coarse_size:
             sampling.pop("coarse_start", None)
+        if "sr" not in md.components:  # the base's super-resolution stage is not part of this model
+            sampling.pop("sr_steps", None)
     meta["sampling"] = sampling
     write_meta(out, meta)
 

@@ -126,9 +126,10 @@ def test_the_command_lets_idle_openmp_threads_sleep_when_others_run(tmp_path):
 
     probe = ("import sys, contextlib, io, genvl.cli; heavy = ('torch', 'diffusers', 'transformers')\n"
              "print([m for m in heavy if m in sys.modules])\n"
-             "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
-             "    genvl.cli.main(['sample', '--help'])\n"
-             "print([m for m in heavy[1:] if m in sys.modules])")  # help loads no model library
+             "for cmd in ('sample', 'classify', 'evaluate', 'train', 'data', 'export', 'info', 'ui'):\n"
+             "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+             "        genvl.cli.main([cmd, '--help'])\n"
+             "print([m for m in heavy if m in sys.modules])")  # help (the parser) loads no model library, nor torch
     root = str(Path(__file__).resolve().parents[2])
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -205,15 +206,23 @@ def test_incomplete_model_directory(model_dir, tmp_path, capsys):
     assert "prior" in capsys.readouterr().err
 
 
-def test_evaluate_generation_reports_and_records(model_dir, tmp_path, capsys):
+def test_evaluate_generation_reports_and_records(model_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import write_shapes_folder
 
+    import genvl.sampling.unclip as unclip_mod
+
     m = tmp_path / "m"
     shutil.copytree(model_dir, m)
+    meta = json.loads((m / "genvl.json").read_text())
+    meta["sampling"] = {"sr_steps": 2}  # evaluated as genvl sample draws: the model's super-resolution steps
+    (m / "genvl.json").write_text(json.dumps(meta))
+    drawn = []
+    real = unclip_mod.text_to_image
+    monkeypatch.setattr(unclip_mod, "text_to_image", lambda *a, **kw: drawn.append(kw.get("sr_steps")) or real(*a, **kw))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red heart\na cat face\n\na red heart\na slice of pizza\n")
     ref = write_shapes_folder(tmp_path / "ref", size=16)
@@ -228,6 +237,11 @@ def test_evaluate_generation_reports_and_records(model_dir, tmp_path, capsys):
     assert 0 <= res["metrics"]["clip_score"] <= 100 and res["metrics"]["fd_clip"] >= 0
     assert js.with_suffix(".png").is_file()
     assert "generation" in json.loads((m / "genvl.json").read_text())["metrics"]
+    assert drawn == [2, 2, 2] and res["settings"]["sr_steps"] == 2
+    assert main(["evaluate", "generation", "--model", str(m), "--prompts", str(prompts), "--num-images", "1",
+                 "--steps", "2", "--prior-steps", "2", "--sr-steps", "1", "--no-progress"]) == 0
+    assert drawn[3:] == [1, 1, 1]  # the command line wins
+    capsys.readouterr()
     one = tmp_path / "one.txt"
     one.write_text("a cat\n")
     assert main(["evaluate", "generation", "--model", str(m), "--prompts", str(one)]) == 2
