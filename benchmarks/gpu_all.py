@@ -165,11 +165,12 @@ PARTS: tuple[Part, ...] = (
     Part(name="data_scale", title="data: streaming start-up / memory at 2,000 shards, prior from embeddings",
          script="data_scale.py", needs=("webdataset", "braceexpand"),
          gpu_args=("--shards", "10,2000", "--procs", "1", "--batches", "5", "--prior-steps", "10",
-                   "--prior-images", "1024", "--work", "{work}/data_scale"),
+                   "--prior-images", "1024", "--no-prior-compile", "--work", "{work}/data_scale"),
          dry_args=("--shards", "2,4", "--procs", "1", "--batches", "1", "--batch-size", "2", "--prior-steps", "2",
-                   "--prior-images", "8", "--prior-batch", "4", "--work", "{work}/data_scale"),
+                   "--prior-images", "8", "--prior-batch", "4", "--no-prior-compile", "--work", "{work}/data_scale"),
          cap_s=20, why="10 and 2,000 shards by one process (4 fresh interpreters), then the prior trained 10 steps "
-                       "from 256 images and from their embeddings (the GPU makes the step cheap, the data path shows)"),
+                       "from 1,024 images (one epoch) and from their embeddings, eager (the GPU makes the step "
+                       "cheap, the data path shows)"),
     Part(name="sampling_speed-schedulers", title="decoder DPM-Solver++ 20 / DDIM 50 keep DDPM-250 quality",
          script="sampling_speed.py",
          gpu_args=("--device", "cuda", "--parts", "schedulers", "--num-prompts", "8", "--images", "4"),

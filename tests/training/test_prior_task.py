@@ -141,3 +141,17 @@ def test_prior_from_precomputed_embeddings_follows_the_image_run(shapes_dir, cli
         train(PriorTask(cfg(*c)), emb, tmp_path / "x", init=other, progress=False)
     with pytest.raises(TrainingError, match="precomputed CLIP embeddings; the clip stage needs images"):
         train(CLIPTask(cfg()), emb, tmp_path / "y", progress=False)
+
+    # the trainer's loader fetches whole batches (EmbeddingSet.__getitems__): the same batch as row by row
+    from genvl.data.embeddings import EmbeddingSet
+
+    es = EmbeddingSet(emb, caption_dropout=0.5, seed=3)
+    task = PriorTask(cfg())
+    task.text_len = 8
+    idx = [5, 0, 17, 2, 9]
+    batched, rows = task.collate(es.__getitems__(idx)), task.collate([es[i] for i in idx])
+    assert batched.keys() == rows.keys() and bool(batched["uncond"].any()) and not bool(batched["uncond"].all())
+    for k in rows:
+        torch.testing.assert_close(batched[k], rows[k], rtol=0, atol=0)
+    loader = torch.utils.data.DataLoader(es, batch_size=4, collate_fn=task.collate)
+    torch.testing.assert_close(next(iter(loader))["text_embeds"], es.tensors["text_embeds"][:4].float())

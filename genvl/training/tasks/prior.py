@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genvl.data.embeddings import EMBEDDING_FIELDS
 from genvl.errors import ConfigError, ModelDirError
 from genvl.models.prior import DiffusionPrior, PriorConfig, prior_config, unconditional_text
 from genvl.tokenizers.text import encode_texts
@@ -151,19 +152,13 @@ class PriorTask(Task):
         self.scheduler = model.make_scheduler("ddpm")
         return model.train()
 
-    def collate(self, items: list[dict]) -> dict[str, Any]:
+    def collate(self, items: list[dict] | dict[str, Any]) -> dict[str, Any]:
+        """A list of rows, or (precomputed embeddings) a dict of rows already stacked by
+        :meth:`genvl.data.embeddings.EmbeddingSet.__getitems__`."""
+        if isinstance(items, dict) or "image_embeds" in items[0]:
+            return self._collate_embeddings(items)
         texts = [it["text"] for it in items]
         uncond = torch.tensor([not t.strip() for t in texts], dtype=torch.bool)  # (B,) dropped captions
-        if "image_embeds" in items[0]:  # precomputed: the embeddings and the text states, cut to the batch's longest
-            mask = torch.stack([it["text_mask"] for it in items]).long()  # (B, text_len)
-            L = min(self.text_len, max(int(mask.sum(1).max()), 1))
-            return {
-                "image_embeds": torch.stack([it["image_embeds"] for it in items]).float(),  # (B, D)
-                "text_embeds": torch.stack([it["text_embeds"] for it in items]).float(),  # (B, D)
-                "text_states": torch.stack([it["text_states"][:L] for it in items]).float(),  # (B, L, W)
-                "text_mask": mask[:, :L],  # (B, L)
-                "uncond": uncond,
-            }
         enc = encode_texts(self.tokenizer, texts, max_length=self.text_len)
         batch = {
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, S, S)
@@ -174,6 +169,22 @@ class PriorTask(Task):
         if "index" in items[0]:  # map-style: each image's embedding is cached by index (streams have none)
             batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)  # (B,)
         return batch
+
+    def _collate_embeddings(self, items: list[dict] | dict[str, Any]) -> dict[str, Any]:
+        """Precomputed rows: the embeddings and the text states, cut to the batch's longest caption."""
+        if not isinstance(items, dict):
+            items = {**{f: torch.stack([it[f] for it in items]) for f in EMBEDDING_FIELDS},
+                     "text": [it["text"] for it in items]}
+        uncond = torch.tensor([not t.strip() for t in items["text"]], dtype=torch.bool)  # (B,) dropped captions
+        mask = items["text_mask"].long()  # (B, text_len)
+        L = min(self.text_len, max(int(mask.sum(1).max()), 1))
+        return {
+            "image_embeds": items["image_embeds"].float(),  # (B, D)
+            "text_embeds": items["text_embeds"].float(),  # (B, D)
+            "text_states": items["text_states"][:, :L].float(),  # (B, L, W)
+            "text_mask": mask[:, :L],  # (B, L)
+            "uncond": uncond,
+        }
 
     def to_device(self, device: torch.device) -> None:
         self.clip.to(device)
