@@ -188,6 +188,9 @@ PARTS: tuple[Part, ...] = (
                                              "training budget: not part of an eight-minute run"),
     Part(name="cpu_sampling", title="genvl sample on a 2-core CPU: old vs new demo defaults", script="cpu_sampling.py",
          cap_s=0, dry_cap_s=0, unavailable="a CPU benchmark (2 cores, 25-45 minutes), not part of the GPU plan"),
+    Part(name="stream_libraries", title="webdataset vs mosaicml-streaming vs litdata on img2dataset output",
+         script="stream_libraries.py", cap_s=0, dry_cap_s=0,
+         unavailable="needs mosaicml-streaming and litdata, which are not genvl dependencies; a CPU measurement"),
     Part(name="selftest-fail", title="a part that fails on purpose", script=None, default=False, cap_s=10,
          dry_cap_s=10, why="checks that a failure is recorded and the run goes on",
          command=(sys.executable, "-c", "import sys; print('selftest-fail: failing on purpose', flush=True); "
@@ -389,7 +392,7 @@ def tail(path: Path, lines: int = 25, chars: int = 3000) -> str:
 def normalize_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     """A results JSON's goals in the shared schema ``{name, measured, unit, goal, status, note}``.
 
-    Most scripts write that schema; ``data_scale.py`` writes ``{goal: name, measured, target, met}``.
+    The scripts write that schema; results of older ``data_scale.py`` runs hold ``{goal: name, measured, target, met}``.
     """
     out = []
     for g in result.get("goals") or []:

@@ -4,9 +4,9 @@ Every results file written by the scripts here has top-level ``benchmark``, ``de
 ``torch``, ``config`` and ``goals`` (a list of ``{name, measured, unit, goal, status, note}``, status
 "met" | "missed" | "not measured here") next to its detailed rows. This script lists how to run
 each script (from the usage lines of its docstring) and writes one table of every goal. Files
-without goals get one row saying so; files that are not JSON objects are listed as unreadable; the
-index of a ``gpu_all.py`` run (``summary.json``, benchmark "gpu_all") is not a result and is left
-out. Sections of the existing README other than "Scripts" and "Goals" are hand-written: they are
+without goals get one row saying so (with their ``summary``, if any); files that are not JSON
+objects are listed as unreadable; the index of a ``gpu_all.py`` run (``summary.json``, benchmark
+"gpu_all") is not a result and is left out. Sections of the existing README other than "Scripts" and "Goals" are hand-written: they are
 kept as they are, between those two.
 
     python benchmarks/make_table.py                     # writes benchmarks/README.md
@@ -127,7 +127,7 @@ def collect(results: Path) -> tuple[list[list[str]], list[str]]:
         label = bench if bench == path.stem else f"{bench} (`{path.name}`)"
         goals = d.get("goals")
         if not isinstance(goals, list) or not goals:
-            rows.append([label, "(no goals recorded in this file)", "—", "", "", device_of(d), ""])
+            rows.append([label, "(no goals recorded in this file)", "—", "", "", device_of(d), d.get("summary") or ""])
             continue
         for g in goals:
             if not isinstance(g, dict):
