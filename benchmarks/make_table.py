@@ -6,8 +6,8 @@ Every results file written by the scripts here has top-level ``benchmark``, ``de
 each script (from the usage lines of its docstring) and writes one table of every goal. Files
 without goals get one row saying so (with their ``summary``, if any); files that are not JSON
 objects are listed as unreadable; the index of a ``gpu_all.py`` run (``summary.json``, benchmark
-"gpu_all") is not a result and is left out. Sections of the existing README other than "Scripts" and "Goals" are hand-written: they are
-kept as they are, between those two.
+"gpu_all") is not a result and is left out. Sections of the existing README other than "Scripts"
+and "Goals" are hand-written: they are kept as they are, between those two.
 
     python benchmarks/make_table.py                     # writes benchmarks/README.md
     python benchmarks/make_table.py --out /tmp/table.md

@@ -30,7 +30,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -40,19 +39,10 @@ IMAGE_SIZE = 32
 
 
 def _tar_samples(tars):
-    """(key, {ext: bytes}) of every sample of the given tar shards, in order."""
-    for tar_path in tars:
-        with tarfile.open(tar_path) as tar:
-            sample, key = {}, None
-            for m in tar:
-                k, _, ext = m.name.partition(".")
-                if key is not None and k != key:
-                    yield key, sample
-                    sample = {}
-                key = k
-                sample[ext] = tar.extractfile(m).read()
-            if sample:
-                yield key, sample
+    """Every sample of the given tar shards, in order, as webdataset groups them ({"jpg": bytes, "txt": bytes, ...})."""
+    import webdataset as wds
+
+    return wds.WebDataset([str(t) for t in tars], shardshuffle=False, empty_check=False)
 
 
 def _decode(jpg: bytes, text: str):
@@ -63,7 +53,7 @@ def _decode(jpg: bytes, text: str):
 
 def _litdata_rows(tar_path: str):
     """litdata.optimize's fn: the samples of one shard (module-level: its workers pickle it)."""
-    for _key, s in _tar_samples([tar_path]):
+    for s in _tar_samples([tar_path]):
         yield {"jpg": s["jpg"], "txt": s["txt"].decode()}
 
 
@@ -77,7 +67,7 @@ def prepare(library: str, shards: Path, out: Path) -> dict:
 
         target = out
         with MDSWriter(out=str(out), columns={"jpg": "bytes", "txt": "str"}, size_limit="64mb") as w:
-            for _key, s in _tar_samples(sorted(shards.glob("*.tar"))):
+            for s in _tar_samples(sorted(shards.glob("*.tar"))):
                 w.write({"jpg": s["jpg"], "txt": s["txt"].decode()})
     else:
         import litdata
@@ -113,7 +103,7 @@ def child(library: str, data: str) -> dict:
 
         ds = litdata.StreamingDataset(input_dir=data)
         items = (_decode(s["jpg"], s["txt"]) for s in ds)
-    first = next(iter(items))
+    first = next(items)
     startup = time.perf_counter() - t0
     assert first[0].shape == (3, IMAGE_SIZE, IMAGE_SIZE), first[0].shape
     t1, n = time.perf_counter(), 1
